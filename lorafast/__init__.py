@@ -1,0 +1,1 @@
+"""lorafast: fused Triton LoRA layers for PyTorch and transformers."""
