@@ -1,0 +1,190 @@
+"""The LoRA linear as custom ops (``torch.library``) with registered autograd and backend dispatch.
+
+Two ops, ``lorafast::lora_forward`` and ``lorafast::lora_backward``, each with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces a LoRA layer without a graph
+break and ``torch.library.opcheck`` passes. Each op runs either the pure-PyTorch reference
+(``lorafast.reference``) or the fused Triton launchers (``lorafast.kernels``), chosen per call
+by :func:`use_triton` from the backend setting and the tensors' device.
+
+Memory policy (DESIGN.md §3): the autograd context keeps x itself (a reference: no copy, no
+cast, so q/k/v sharing one input share one saved tensor), u ``[M, r]`` in fp32 and a 0-d seed
+tensor; the frozen weight and the LoRA parameters are kept too, but they are parameters that
+live anyway. The dropout mask is regenerated in backward from the seed, never stored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lorafast import reference
+
+BACKENDS = ("auto", "torch", "triton")
+_backend: str = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"torch"`` or ``"triton"``."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown lorafast backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton":
+        _load_kernels()
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _load_kernels():
+    """Import ``lorafast.kernels``, or raise a clear error saying why the Triton backend is unusable."""
+    try:
+        from lorafast import kernels
+    except ImportError as error:  # triton missing (e.g. not Linux)
+        raise RuntimeError(f"the lorafast 'triton' backend needs Triton, which failed to import: {error}") from error
+    if not hasattr(kernels, "lora_forward"):
+        raise RuntimeError("the lorafast 'triton' backend is not available in this build (no fused kernels)")
+    return kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run the fused Triton kernels under the current backend."""
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"the lorafast 'triton' backend needs CUDA tensors (got {device.type}); "
+                "set TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter"
+            )
+        return True
+    if device.type != "cuda":
+        return False
+    try:
+        _load_kernels()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _keep_mask(seed: torch.Tensor, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+    """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout)."""
+    if dropout_p == 0.0:
+        return None
+    return reference.dropout_keep_mask(int(seed), tuple(x.shape), dropout_p, x.device)
+
+
+@torch.library.custom_op("lorafast::lora_forward", mutates_args=())
+def lora_forward(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K], same dtype as x
+    bias: torch.Tensor | None,  # [N]
+    lora_A: torch.Tensor,  # [r, K]
+    lora_B: torch.Tensor,  # [N, r]
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,  # 0-d int64 on the CPU
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [M, N] in x.dtype, u [M, r] fp32)`` with ``y = x Wᵀ + bias + u Bᵀ``, ``u = s·x̂ Aᵀ``."""
+    if fused:
+        return _load_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    y, u = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _keep_mask(seed, x, dropout_p))
+    return y, u.to(torch.float32)
+
+
+@lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fused):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafast::lora_backward", mutates_args=())
+def lora_backward(
+    grad_y: torch.Tensor,  # [M, N]
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    lora_A: torch.Tensor,  # [r, K]
+    lora_B: torch.Tensor,  # [N, r]
+    u: torch.Tensor,  # [M, r] fp32, saved by the forward
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,  # 0-d int64 on the CPU, the forward's
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX [M, K], dA [r, K], dB [N, r])`` of DESIGN.md §1, with the forward's dropout mask."""
+    if fused:
+        return _load_kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, int(seed))
+    keep_mask = _keep_mask(seed, x, dropout_p)
+    return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, keep_mask)
+
+
+@lora_backward.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused):
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fused = inputs
+    _, u = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+    ctx.hyper = (scaling, dropout_p, fused)
+    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
+
+
+def _backward(ctx, grad_y, grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    scaling, dropout_p, fused = ctx.hyper
+    grad_y = grad_y.to(x.dtype)
+    grad_x, grad_A, grad_B = lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused)
+    grad_weight = grad_y.t() @ x if ctx.needs_input_grad[1] else None
+    grad_bias = grad_y.sum(0) if ctx.bias_needs_grad else None
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+lora_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K] (may be a transposed view)
+    bias: torch.Tensor | None,  # [N]
+    lora_A: torch.Tensor,  # [r, K]
+    lora_B: torch.Tensor,  # [N, r]
+    scaling: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """``x Wᵀ + bias + s·(dropout(x) Aᵀ) Bᵀ`` over any leading dims; returns ``[..., N]``.
+
+    Under ``torch.autocast`` the frozen product runs in the autocast dtype (x, W and bias are
+    cast to it, as autocast's own linear would) and the op itself runs with autocast off.
+    """
+    in_features = weight.shape[1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"LoRA linear expects inputs [..., {in_features}], got {tuple(x.shape)}")
+    if lora_A.shape != (lora_B.shape[1], in_features) or lora_B.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"LoRA shapes do not fit the base weight {tuple(weight.shape)}: "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+    elif x.dtype != weight.dtype:
+        raise ValueError(f"input dtype {x.dtype} does not match the base weight dtype {weight.dtype}")
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    with torch.autocast(device_type, enabled=False):
+        y, _ = lora_forward(
+            x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device)
+        )
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+set_backend(os.environ.get("LORAFAST_BACKEND", "auto"))
