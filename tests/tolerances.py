@@ -27,3 +27,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(
         actual.detach().to(torch.float64), expected.detach().to(torch.float64), **tolerance, msg=msg or None
     )
+
+
+def assert_no_less_accurate(
+    actual: torch.Tensor, baseline: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, msg: str = ""
+) -> None:
+    """Three-way check: ``|actual - exact| <= 2·|baseline - exact| + atol[dtype]`` (max over elements).
+
+    ``exact`` is the same computation at fp64; ``baseline`` is plain PyTorch/PEFT at ``dtype``.
+    """
+    exact = exact.detach().to(torch.float64)
+    error = (actual.detach().to(torch.float64) - exact).abs().max().item()
+    baseline_error = (baseline.detach().to(torch.float64) - exact).abs().max().item()
+    bound = 2 * baseline_error + TOLERANCES[dtype]["atol"]
+    assert error <= bound, f"{msg} error {error:.3g} > 2 x baseline error {baseline_error:.3g} + atol"

@@ -1,0 +1,193 @@
+"""The LoRA linear op on the reference path: autograd contract, dropout mask, saved memory, errors."""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+from tolerances import assert_close
+
+import lorafast
+from lorafast import ops, reference
+
+
+def _operands(M=6, K=5, N=7, r=3, dtype=torch.float64, bias=True):
+    torch.manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    return make(M, K), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype) if bias else None, make(r, K), make(N, r)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradcheck_fp64(dropout_p):
+    x, weight, bias, lora_A, lora_B = _operands()
+    seed = torch.tensor(1234)
+
+    def forward(x, lora_A, lora_B):
+        return ops.lora_forward(x, weight, bias, lora_A, lora_B, 0.7, dropout_p, seed, False)[0]
+
+    assert torch.autograd.gradcheck(forward, (x, lora_A, lora_B))
+
+
+def test_gradcheck_trainable_bias_and_weight():
+    x, weight, bias, lora_A, lora_B = _operands()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    seed = torch.tensor(0)
+    assert torch.autograd.gradcheck(
+        lambda *args: ops.lora_forward(*args, 2.0, 0.0, seed, False)[0], (x, weight, bias, lora_A, lora_B)
+    )
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_opcheck(dropout_p):
+    x, weight, bias, lora_A, lora_B = _operands(dtype=torch.float32)
+    seed = torch.tensor(77)
+    torch.library.opcheck(ops.lora_forward, (x, weight, bias, lora_A, lora_B, 0.5, dropout_p, seed, False))
+    y, u = ops.lora_forward(x, weight, bias, lora_A, lora_B, 0.5, dropout_p, seed, False)
+    grad_y = torch.randn_like(y)
+    torch.library.opcheck(
+        ops.lora_backward, (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), u.detach(), 0.5, dropout_p, seed, False)
+    )
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    layer = lorafast.LoraLinear(torch.nn.Linear(16, 24), r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grads = [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    compiled.sum().backward()
+    assert_close(compiled, eager)
+    for got, want in zip([x.grad, layer.lora_A.grad, layer.lora_B.grad], eager_grads):
+        assert_close(got, want)
+
+
+def _mask_revealing_layer(features: int, dropout_p: float) -> lorafast.LoraLinear:
+    """W = 0, A = B = I, s = 1: the output is x̂ = m ⊙ x/(1-p) and dX is m ⊙ dY/(1-p)."""
+    layer = lorafast.LoraLinear(torch.nn.Linear(features, features, bias=False), r=features, lora_alpha=features,
+                                lora_dropout=dropout_p)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.copy_(torch.eye(features))
+        layer.lora_B.copy_(torch.eye(features))
+    return layer.train()
+
+
+def observed_dropout_masks(M: int, K: int, dropout_p: float, device: str = "cpu"):
+    """The keep masks the forward and the backward actually applied, read off the outputs."""
+    layer = _mask_revealing_layer(K, dropout_p).to(device)
+    x = torch.ones(M, K, device=device, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    forward_mask, backward_mask = y.detach() != 0, x.grad != 0
+    assert_close(y.detach()[forward_mask], torch.full_like(y.detach()[forward_mask], 1 / (1 - dropout_p)))
+    return forward_mask, backward_mask
+
+
+def test_backward_uses_the_forward_dropout_mask_and_keep_rate_is_1_minus_p():
+    dropout_p, M, K = 0.1, 2048, 64
+    forward_mask, backward_mask = observed_dropout_masks(M, K, dropout_p)
+    assert torch.equal(forward_mask, backward_mask)
+    n = forward_mask.numel()
+    keep_rate = forward_mask.float().mean().item()
+    assert abs(keep_rate - (1 - dropout_p)) <= 3 * math.sqrt(dropout_p * (1 - dropout_p) / n)
+
+
+def test_dropout_matches_a_reference_that_stores_the_mask():
+    """Forward and all gradients equal plain autograd applied with the very mask regenerated from the seed."""
+    torch.manual_seed(0)
+    layer = lorafast.LoraLinear(torch.nn.Linear(12, 10), r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False)
+    x = torch.randn(9, 12, requires_grad=True)
+    saved_seeds = []
+
+    def pack(tensor):
+        if tensor.dtype == torch.int64 and tensor.dim() == 0:
+            saved_seeds.append(int(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    (seed,) = saved_seeds
+    mask = reference.dropout_keep_mask(seed, (9, 12), 0.3, x.device)
+    assert 0 < mask.sum() < mask.numel()
+    x_ref = x.detach().clone().requires_grad_(True)
+    A_ref, B_ref = layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ layer.weight.t() + layer.bias + layer.scaling * ((x_ref * mask / 0.7) @ A_ref.t()) @ B_ref.t()
+    y_ref.backward(grad_y)
+    assert_close(y, y_ref)
+    for got, want in [(x.grad, x_ref.grad), (layer.lora_A.grad, A_ref.grad), (layer.lora_B.grad, B_ref.grad)]:
+        assert_close(got, want)
+
+
+def saved_activation_bytes(run, parameters) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` executes, parameters excluded."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def test_saved_memory_is_x_plus_u_only_and_shared_input_saved_once():
+    M, K, N, r = 256, 128, 96, 16
+    torch.manual_seed(0)
+    config = dict(r=r, lora_alpha=32, lora_dropout=0.1)
+    layers = [lorafast.LoraLinear(torch.nn.Linear(K, N, dtype=torch.bfloat16), **config).train() for _ in range(3)]
+    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+    x_bytes, u_bytes, scalars = x.numel() * x.element_size(), M * r * 4, 64
+    parameters = [p for layer in layers for p in layer.parameters()]
+    one = saved_activation_bytes(lambda: layers[0](x), parameters)
+    shared = saved_activation_bytes(lambda: [layer(x) for layer in layers], parameters)
+
+    peft_layer = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(K, N, dtype=torch.bfloat16)), peft.LoraConfig(target_modules=["0"], **config)
+    ).train()
+    peft_bytes = saved_activation_bytes(lambda: peft_layer(x), list(peft_layer.parameters()))
+    print(f"\nsaved bytes per bf16 LoRA linear, M={M} K={K} r={r} dropout 0.1: lorafast {one}, PEFT {peft_bytes}, "
+          f"x alone {x_bytes}")
+    assert one <= x_bytes + u_bytes + scalars
+    assert shared <= x_bytes + 3 * (u_bytes + scalars)
+    assert peft_bytes > one
+
+
+def test_non_contiguous_and_3d_inputs_match_reference():
+    torch.manual_seed(0)
+    layer = lorafast.LoraLinear(torch.nn.Linear(8, 6), r=2, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(4, 8, 5).transpose(1, 2)  # [4, 5, 8], non-contiguous
+    expected = reference.naive_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 2.0, 0.0)
+    assert_close(layer(x), expected)
+    assert_close(layer(x[:, 1]), expected[:, 1])  # a strided 2D view
+
+
+def test_wrong_input_shape_and_dtype_are_named():
+    layer = lorafast.LoraLinear(torch.nn.Linear(8, 6), r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\], got \(3, 7\)"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_backend_selection(monkeypatch):
+    assert lorafast.get_backend() == "auto"
+    assert ops.use_triton(torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="unknown lorafast backend 'cuda'"):
+        lorafast.set_backend("cuda")
+    lorafast.set_backend("torch")
+    try:
+        assert ops.use_triton(torch.device("cpu")) is False
+    finally:
+        lorafast.set_backend("auto")
