@@ -1,1 +1,26 @@
-"""Triton kernels and their launchers, installed as ``lorafast.kernels``."""
+"""Triton kernels and their launchers, installed as ``lorafast.kernels``.
+
+Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math)::
+
+    lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
+    lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
+                  needs_grad_x=True, needs_grad_lora=True) -> (grad_x, grad_A, grad_B)
+    dropout_keep_mask(seed, M, K, dropout_p, device) -> bool [M, K]
+    lora_merge_(weight, lora_A, lora_B, scaling, sign=1.0) -> None
+    choose_main_gemm(M, N, K, device) -> "triton" | "cublas"
+"""
+
+from ._common import MAX_RANK, SMALL_M_MAX
+from .lora_linear import MAIN_GEMM_TABLE, choose_main_gemm, dropout_keep_mask, lora_backward, lora_forward
+from .merge import lora_merge_
+
+__all__ = [
+    "MAIN_GEMM_TABLE",
+    "MAX_RANK",
+    "SMALL_M_MAX",
+    "choose_main_gemm",
+    "dropout_keep_mask",
+    "lora_backward",
+    "lora_forward",
+    "lora_merge_",
+]

@@ -1,0 +1,735 @@
+"""Fused LoRA linear: Triton kernels and their launchers (DESIGN.md §1–§2).
+
+Math (x ``[M, K]``, frozen W ``[N, K]``, bias ``[N]``, A ``[r, K]``, B ``[N, r]``, scaling ``s``,
+dropout ``p``, keep mask ``m`` regenerated from ``(seed, row*K + col)`` with Philox)::
+
+    x̂  = m ⊙ x / (1-p)
+    u  = s · x̂ Aᵀ                       [M, r]  fp32
+    y  = x Wᵀ + bias + u Bᵀ             [M, N]  x.dtype
+
+    du = s · dY B                       [M, r]  fp32
+    dB = dYᵀ u                          [N, r]
+    dA = duᵀ x̂                          [r, K]
+    dX = dY W + m ⊙ (du A) / (1-p)      [M, K]  x.dtype
+
+Kernels:
+
+* **F1** ``_lora_down_kernel``: ``u = s/(1-p) · (m ⊙ x) Aᵀ``; the mask lives only in registers.
+* **F2** ``_lora_fwd_main_kernel``: GEMM ``x Wᵀ`` with the epilogue ``+ u Bᵀ + bias``; y written once.
+* **small-M** ``_lora_fwd_small_m_kernel`` (M <= 64, decode): ``x Wᵀ`` and ``x̂ Aᵀ`` in the same
+  K loop, then ``+ (s·x̂Aᵀ) Bᵀ + bias``; nothing intermediate goes to global memory (u is
+  written once by the first column of programs, because backward needs it).
+* **B1** ``_lora_dy_kernel``: one pass over dY gives ``du = s·dY B`` (reduced over N in registers)
+  and ``dB = dYᵀ u`` (reduced over M by fp32 atomics into an L2-resident ``[N, r]`` buffer).
+* **B2** ``_lora_dx_kernel``: GEMM ``dY W`` with the epilogue ``+ m ⊙ (du A)/(1-p)``; the same
+  program loads the x tile and mask of its output tile and adds ``duᵀ (m ⊙ x)/(1-p)`` into
+  ``dA`` (fp32 atomics). With ``needs_grad_x=False`` the same kernel runs without the GEMM
+  (dA only); with the cuBLAS main GEMM it runs as an in-place epilogue on ``dY W``.
+
+Every ``tl.dot`` operand is cast to x's dtype (LoRA params may be fp32) with an fp32
+accumulator; fp32 inputs use ``input_precision="ieee"``. Rank r is padded to
+``R_PAD = max(16, next_pow2(r))`` with masked loads (the GPU needs dot dims >= 16) and the
+epilogues loop over it in ``BLOCK_R`` chunks. Row/column offsets are int64.
+
+dB and dA use ``atomic_add`` (relaxed): fast (the targets stay in L2) but the fp32 summation
+order, hence the last bits of dA/dB, can vary from run to run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    MAX_RANK,
+    SMALL_M_MAX,
+    check_2d,
+    check_float,
+    check_same_device,
+    check_scalars,
+    dot_precision,
+    grouped_pid,
+    interpreting,
+    keep_mask,
+    m_bucket,
+    next_pow2,
+    padded_rank,
+    stride_safe,
+)
+
+# ============================================================================ autotune configs
+
+
+def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def _gemm_configs(bn_name: str) -> list[triton.Config]:
+    """Main-GEMM tiles (the matmul tutorial's Hopper/Ampere set). ``bn_name`` is the output
+    column block's name (BLOCK_N in F2, BLOCK_K in B2, whose reduction block is BLOCK_N)."""
+    red = "BLOCK_K" if bn_name == "BLOCK_N" else "BLOCK_N"
+    if interpreting():
+        return [_cfg(num_stages=1, BLOCK_M=32, **{bn_name: 32, red: 32}, GROUP_M=4)]
+    shapes = [  # (BM, BN, BK, warps, stages)
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes]
+
+
+def _forward_configs() -> list[triton.Config]:
+    """F2 (x Wᵀ + epilogue) configs."""
+    return _gemm_configs("BLOCK_N")
+
+
+def _backward_configs() -> list[triton.Config]:
+    """B2 (dY W + epilogue, dA) configs: output tile BLOCK_M x BLOCK_K, reduction BLOCK_N."""
+    return _gemm_configs("BLOCK_K")
+
+
+def _down_configs() -> list[triton.Config]:
+    """F1 (u = s x̂ Aᵀ): a skinny GEMM bound by reading x."""
+    if interpreting():
+        return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_K=32)]
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in
+            [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]]
+
+
+def _dy_configs() -> list[triton.Config]:
+    """B1 (du, dB from one pass over dY)."""
+    if interpreting():
+        return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_N=32)]
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in
+            [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]]
+
+
+def _small_m_configs() -> list[triton.Config]:
+    """Small-M fused forward: bound by reading W; small BLOCK_N gives more programs."""
+    if interpreting():
+        return [_cfg(num_stages=1, BLOCK_N=32, BLOCK_K=32)]
+    return [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in
+            [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]]
+
+
+def _prune_factory(dims: dict[str, str]):
+    """Build an ``early_config_prune`` dropping configs whose tiles exceed the problem.
+
+    ``dims`` maps a block name to the kernel argument it tiles (e.g. ``{"BLOCK_M": "M_BUCKET"}``).
+    A block is kept if it is <= max(16, next_pow2(dim)); if nothing survives, the config with the
+    smallest tiles is kept.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        limits = {blk: max(16, next_pow2(int(args[arg]))) for blk, arg in dims.items() if arg in args}
+        kept = [c for c in configs if all(c.kwargs.get(b, 0) <= lim for b, lim in limits.items())]
+        if not kept:
+            kept = [min(configs, key=lambda c: sum(c.kwargs.get(b, 0) for b in limits))]
+        return kept
+
+    return prune
+
+
+# ============================================================================ kernels
+
+
+@triton.autotune(
+    configs=_down_configs(),
+    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"})},
+)
+@triton.jit(do_not_specialize=["seed"])
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr,  # x [M, K], A [r, K], u [M, r] fp32
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
+    scale,  # s / (1 - p)
+    seed, p,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
+    DT = x_ptr.dtype.element_ty
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
+    am = rm % M
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile [BLOCK_K, BLOCK_R]
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, a.to(DT), acc, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    acc = acc * scale
+    u_ptrs = u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur
+    tl.store(u_ptrs, acc, mask=(rm[:, None] < M) & r_ok[None, :])
+
+
+@triton.autotune(
+    configs=_forward_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS"],
+    prune_configs_by={
+        "early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})
+    },
+)
+@triton.jit
+def _lora_fwd_main_kernel(
+    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,  # x [M,K], W [N,K], bias [N], u [M,r] fp32, B [N,r], y [M,N]
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """F2: ``y = x Wᵀ + u Bᵀ + bias`` with one write of y; grid (cdiv(M,BM)·cdiv(N,BN),), swizzled."""
+    DT = x_ptr.dtype.element_ty
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = rm % M  # wrapped rows/cols: in-bounds loads without masks, masked at the store
+    an = rn % N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    # epilogue: + u Bᵀ over r in BLOCK_R chunks (padded rank columns load as 0)
+    for r0 in range(0, R_PAD, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        u = tl.load(u_ptr + am[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_r[:, None] * stride_br + an[None, :] * stride_bn, mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(u.to(DT), b.to(DT), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + an)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(
+    configs=_small_m_configs(),
+    key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_N": "N", "BLOCK_K": "K"})},
+)
+@triton.jit(do_not_specialize=["seed"])
+def _lora_fwd_small_m_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,  # x [M,K], W [N,K], bias [N], A [r,K], B [N,r], y [M,N], u [M,r]
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_um, stride_ur,
+    scale,  # s / (1 - p)
+    seed, p,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M forward, one kernel: in one K loop ``acc += x Wᵀ`` and ``xa += (m ⊙ x) Aᵀ``, then
+    ``u = s/(1-p)·xa``, ``y = acc + u Bᵀ + bias``. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
+
+    Each program recomputes xa (A is [r, K], L2-resident) so no intermediate leaves registers;
+    programs with pid_n == 0 also store u, which backward needs.
+    """
+    DT = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = rm % M
+    an = rn % N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+    x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile [BLOCK_K, R_PAD]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        xa = tl.dot(x, a.to(DT), xa, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    u = xa * scale
+    u_ptrs = u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur
+    u_rows = tl.where(pid_n == 0, M, 0)  # only the first column of programs writes u
+    tl.store(u_ptrs, u, mask=(rm[:, None] < u_rows) & r_ok[None, :])
+    b = tl.load(b_ptr + offs_r[:, None] * stride_br + an[None, :] * stride_bn, mask=r_ok[:, None], other=0.0)
+    acc = tl.dot(u.to(DT), b.to(DT), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + an)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(
+    configs=_dy_configs(),
+    key=["M_BUCKET", "N", "R_PAD", "COMPUTE_DB"],
+    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"})},
+    reset_to_zero=["db_ptr"],
+)
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, u_ptr, du_ptr, db_ptr,  # dY [M,N], B [N,r], u [M,r], du [M,r] fp32, dB [N,r] fp32 (zeroed)
+    M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur, stride_dum, stride_dur,
+    stride_dbn, stride_dbr,
+    scaling,
+    COMPUTE_DB: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """B1: one pass over dY. ``du[m, j] = s Σ_n dY[m,n] B[n,j]`` reduced over N in registers;
+    ``dB[n, j] += Σ_{m in block} dY[m,n] u[m,j]`` per M block by fp32 atomics.
+    Grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
+    DT = dy_ptr.dtype.element_ty
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_n = tl.arange(0, BLOCK_N)
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+    if COMPUTE_DB:
+        u = tl.load(u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DT)
+    du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_ok = offs_n < N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # rows masked: dB sums over M
+        b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        du = tl.dot(dy, b.to(DT), du, input_precision=DOT_PREC)
+        if COMPUTE_DB:
+            db = tl.dot(tl.trans(dy), u, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_R]
+            tl.atomic_add(db_ptrs, db, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        dy_ptrs += BLOCK_N * stride_dyn
+        b_ptrs += BLOCK_N * stride_bn
+        db_ptrs += BLOCK_N * stride_dbn
+    du = du * scaling
+    tl.store(du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur, du, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(
+    configs=_backward_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "LOAD_ACC", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
+    prune_configs_by={
+        "early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})
+    },
+    reset_to_zero=["da_ptr"],
+    restore_value=["dx_ptr"],
+)
+@triton.jit(do_not_specialize=["seed"])
+def _lora_dx_kernel(
+    dy_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+    # dY [M,N], W [N,K], du [M,r] fp32, A [r,K], x [M,K], dX [M,K], dA [r,K] fp32 (zeroed)
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dum, stride_dur, stride_ar, stride_ak,
+    stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar, stride_dak,
+    inv_keep,  # 1 / (1 - p)
+    seed, p,
+    GEMM: tl.constexpr, LOAD_ACC: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """B2 for the output tile (rows rm, cols rk) of dX [M, K]; grid (cdiv(M,BM)·cdiv(K,BK),), swizzled.
+
+    ``dX = [dY W  (GEMM) | dX (LOAD_ACC, in-place after a cuBLAS GEMM)] + m ⊙ (du A)/(1-p)`` and,
+    with COMPUTE_DA, ``dA[:, rk] += duᵀ (m ⊙ x[rm, rk]) / (1-p)`` (fp32 atomics over M blocks).
+    The mask is drawn once per tile and shared by both.
+    """
+    DT = dy_ptr.dtype.element_ty
+    pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    k_ok = rk < K
+    tile_ok = m_ok[:, None] & k_ok[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if COMPUTE_DX:
+        if GEMM:
+            am = rm % M
+            ak = rk % K
+            offs_n = tl.arange(0, BLOCK_N)
+            dy_ptrs = dy_ptr + am[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + ak[None, :] * stride_wk  # W tile [BLOCK_N, BLOCK_K]
+            for n in range(0, tl.cdiv(N, BLOCK_N)):
+                n_ok = offs_n < N - n * BLOCK_N
+                dy = tl.load(dy_ptrs, mask=n_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
+                dy_ptrs += BLOCK_N * stride_dyn
+                w_ptrs += BLOCK_N * stride_wn
+        if LOAD_ACC:
+            prev = tl.load(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, mask=tile_ok, other=0.0)
+            acc += prev.to(tl.float32)
+    if HAS_DROPOUT:
+        keep = keep_mask(seed, rm, rk, K, p)
+    if COMPUTE_DA:
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(keep, xt, tl.zeros_like(xt))
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R_PAD, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        du = tl.load(du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DT)
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            lora = tl.dot(du, a.to(DT), lora, input_precision=DOT_PREC)
+        if COMPUTE_DA:
+            da = tl.dot(tl.trans(du), xt, input_precision=DOT_PREC) * inv_keep  # [BLOCK_R, BLOCK_K]
+            tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak, da,
+                          mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
+    if COMPUTE_DX:
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora * inv_keep, tl.zeros_like(lora))
+        acc += lora
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _keep_mask_kernel(
+    out_ptr,  # [M, K] uint8 (viewed as bool)
+    M, K, seed, p,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, rm, rk, K, p)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.uint8), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# ============================================================================ launchers
+
+
+@dataclass(frozen=True)
+class LoraScalars:
+    """The scalars of one LoRA call, grouped: scaling s, dropout p, Philox seed."""
+
+    scaling: float
+    dropout_p: float
+    seed: int
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    @property
+    def inv_keep(self) -> float:
+        return 1.0 / (1.0 - self.dropout_p)
+
+
+#: Measured main-GEMM choices, ``{(device_name, m_bucket, N, K): "triton" | "cublas"}``; filled
+#: from bench/kernel_bench.py results (empty: every shape uses the default).
+MAIN_GEMM_TABLE: dict[tuple[str, int, int, int], str] = {}
+_MAIN_GEMM_CHOICES = ("triton", "cublas")
+
+
+def choose_main_gemm(M: int, N: int, K: int, device) -> str:
+    """Which implementation runs the frozen GEMM of an ``[M, K] x [K, N]`` product: "triton"
+    (the fused-epilogue kernel F2/B2) or "cublas" (torch matmul + Triton/torch epilogue).
+
+    Order: env ``LORAFAST_MAIN_GEMM`` (forces one path), then :data:`MAIN_GEMM_TABLE`
+    (measurements per device and shape), else "triton". Backward asks with (M, K, N): its
+    output is [M, K] and it reduces over N. M <= 64 forward always uses the small-M kernel.
+    """
+    forced = os.environ.get("LORAFAST_MAIN_GEMM", "").strip().lower()
+    if forced in _MAIN_GEMM_CHOICES:
+        return forced
+    device = torch.device(device)
+    if device.type == "cuda" and MAIN_GEMM_TABLE:
+        name = torch.cuda.get_device_name(device)
+        choice = MAIN_GEMM_TABLE.get((name, m_bucket(M), int(N), int(K)))
+        if choice in _MAIN_GEMM_CHOICES:
+            return choice
+    return "triton"
+
+
+def _check_lora(x, lora_A, lora_B, K: int, N: int) -> int:
+    check_2d("lora_A", lora_A)
+    check_2d("lora_B", lora_B)
+    check_float("lora_A", lora_A)
+    check_float("lora_B", lora_B)
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} must be [r, K] with K = {K} (x is {tuple(x.shape)})")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B {tuple(lora_B.shape)} must be [N, r] = [{N}, {r}] (lora_A is {tuple(lora_A.shape)})")
+    if not (1 <= r <= MAX_RANK):
+        raise ValueError(f"LoRA rank r = {r} must be in [1, {MAX_RANK}]")
+    return r
+
+
+def _check_forward_inputs(x, weight, bias, lora_A, lora_B) -> tuple[int, int, int, int]:
+    check_2d("x", x)
+    check_2d("weight", weight)
+    check_float("x", x)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] with K = {K} (x is {tuple(x.shape)})")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias {tuple(bias.shape)} must be [N] = [{N}] (weight is {tuple(weight.shape)})")
+    r = _check_lora(x, lora_A, lora_B, K, N)
+    check_same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)])
+    return M, N, K, r
+
+
+def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
+    """F1: u [M, r] fp32 <- s/(1-p) (m ⊙ x) Aᵀ."""
+    M, K = x.shape
+    r = lora_A.shape[0]
+    r_pad = padded_rank(r)
+    block_r = min(r_pad, 64)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
+    _lora_down_kernel[grid](
+        x, lora_A, u,  # [M, K], [r, K], [M, r]
+        M, K, r, m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+        sc.scaling * sc.inv_keep,
+        sc.seed, sc.dropout_p,
+        HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=block_r,
+    )
+
+
+def _launch_fwd_main(x, weight, bias, u, lora_B, y) -> None:
+    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias."""
+    M, K = x.shape
+    N = weight.shape[0]
+    r = lora_B.shape[1]
+    r_pad = padded_rank(r)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    _lora_fwd_main_kernel[grid](
+        x, weight, bias if bias is not None else x, u, lora_B, y,  # [M,K], [N,K], [N], [M,r], [N,r], [M,N]
+        M, N, K, r, m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=min(r_pad, 32),
+    )
+
+
+def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) -> None:
+    """Small-M fused forward: y [M, N] and u [M, r] in one kernel."""
+    M, K = x.shape
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+    _lora_fwd_small_m_kernel[grid](
+        x, weight, bias if bias is not None else x, lora_A, lora_B, y, u,
+        # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r]
+        M, N, K, r,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        sc.scaling * sc.inv_keep,
+        sc.seed, sc.dropout_p,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype),
+        R_PAD=padded_rank(r), BLOCK_M=block_m,
+    )
+
+
+def _cublas_fwd_main(x, weight, bias, u, lora_B, y) -> None:
+    """cuBLAS variant of F2: ``y = x Wᵀ (+ bias)`` by torch, then ``y += u Bᵀ`` (addmm_, beta=1)."""
+    if bias is not None:
+        torch.addmm(bias.to(x.dtype), x, weight.t(), out=y)
+    else:
+        torch.mm(x, weight.t(), out=y)
+    y.addmm_(u.to(x.dtype), lora_B.t().to(x.dtype))
+
+
+def lora_forward(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K] (any strides)
+    bias: torch.Tensor | None,  # [N]
+    lora_A: torch.Tensor,  # [r, K]
+    lora_B: torch.Tensor,  # [N, r]
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    *,
+    path: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LoRA forward: returns ``(y [M, N] in x.dtype, u [M, r] fp32)``.
+
+    ``u = s · (m ⊙ x / (1-p)) Aᵀ`` and ``y = x Wᵀ + bias + u Bᵀ`` with the mask drawn from
+    ``(seed, row*K + col)``; see :func:`dropout_keep_mask`.
+
+    ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
+    "triton" (F1 + F2) or "cublas" (F1 + torch GEMM + addmm_ epilogue). Default: "small_m" when
+    M <= 64, else :func:`choose_main_gemm`.
+    """
+    M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
+    check_scalars(scaling, dropout_p, seed)
+    sc = LoraScalars(float(scaling), float(dropout_p), int(seed))
+    if path is None:
+        path = "small_m" if M <= SMALL_M_MAX else choose_main_gemm(M, N, K, x.device)
+    if path not in ("small_m", "triton", "cublas"):
+        raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, r), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, u
+    x, weight = stride_safe(x), stride_safe(weight)
+    if path == "small_m":
+        _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc)
+        return y, u
+    _launch_down(x, lora_A, u, sc)
+    if path == "cublas":
+        _cublas_fwd_main(x, weight, bias, u, lora_B, y)
+    else:
+        _launch_fwd_main(x, weight, bias, u, lora_B, y)
+    return y, u
+
+
+def lora_backward(
+    grad_y: torch.Tensor,  # [M, N]
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K] (any strides)
+    lora_A: torch.Tensor,  # [r, K]
+    lora_B: torch.Tensor,  # [N, r]
+    u: torch.Tensor,  # [M, r] (fp32 from lora_forward)
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_grad_x: bool = True,
+    needs_grad_lora: bool = True,
+    *,
+    main_gemm: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Fused LoRA backward: returns ``(dX [M, K] x.dtype, dA [r, K] lora_A.dtype, dB [N, r] lora_B.dtype)``,
+    None for what is not needed.
+
+    B1: ``du = s·dY B`` and ``dB = dYᵀ u`` in one pass over dY. B2: ``dX = dY W + m ⊙ (du A)/(1-p)``
+    and ``dA = duᵀ (m ⊙ x)/(1-p)`` from the same tiles (the mask regenerated from the seed).
+    ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default
+    :func:`choose_main_gemm` (M, K, N).
+    """
+    check_2d("grad_y", grad_y)
+    check_2d("x", x)
+    check_2d("weight", weight)
+    check_2d("u", u)
+    check_float("x", x)
+    check_float("u", u)
+    if weight.dtype != x.dtype or grad_y.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and grad_y ({grad_y.dtype}) must share a dtype")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] with K = {K} (x is {tuple(x.shape)})")
+    if tuple(grad_y.shape) != (M, N):
+        raise ValueError(f"grad_y {tuple(grad_y.shape)} must be [M, N] = [{M}, {N}] (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    r = _check_lora(x, lora_A, lora_B, K, N)
+    if tuple(u.shape) != (M, r):
+        raise ValueError(f"u {tuple(u.shape)} must be [M, r] = [{M}, {r}]")
+    check_same_device([("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A),
+                       ("lora_B", lora_B), ("u", u)])
+    check_scalars(scaling, dropout_p, seed)
+    sc = LoraScalars(float(scaling), float(dropout_p), int(seed))
+    if main_gemm is None:
+        main_gemm = choose_main_gemm(M, K, N, x.device)
+    if main_gemm not in ("triton", "cublas"):
+        raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
+    if not (needs_grad_x or needs_grad_lora):
+        return None, None, None
+
+    dev = x.device
+    grad_y, x, weight = stride_safe(grad_y), stride_safe(x), stride_safe(weight)
+    r_pad = padded_rank(r)
+    du = torch.empty((M, r), dtype=torch.float32, device=dev)
+    db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    da = torch.zeros((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    dx = torch.empty((M, K), dtype=x.dtype, device=dev) if needs_grad_x else None
+    # unused pointer slots get their own scratch: autotune's reset_to_zero/restore_value touch them
+    scratch = torch.zeros(1, dtype=torch.float32, device=dev)
+    if M > 0:
+        # ---- B1: du, dB
+        block_r = min(r_pad, 64)
+        grid1 = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
+        _lora_dy_kernel[grid1](
+            grad_y, lora_B, u, du, db if db is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r]
+            M, N, r, m_bucket(M),
+            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
+            du.stride(0), du.stride(1), r, 1,
+            sc.scaling,
+            COMPUTE_DB=needs_grad_lora, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=block_r,
+        )
+        # ---- B2: dX (GEMM or in-place epilogue after cuBLAS), dA
+        use_cublas = needs_grad_x and main_gemm == "cublas"
+        if use_cublas:
+            torch.mm(grad_y, weight, out=dx)
+        grid2 = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+        _lora_dx_kernel[grid2](
+            grad_y, weight, du, lora_A, x, dx if dx is not None else scratch, da if da is not None else scratch,
+            # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
+            M, N, K, r, m_bucket(M),
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), du.stride(0), du.stride(1),
+            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), K, 1, K, 1,
+            sc.inv_keep,
+            sc.seed, sc.dropout_p,
+            GEMM=needs_grad_x and not use_cublas, LOAD_ACC=use_cublas, COMPUTE_DX=needs_grad_x,
+            COMPUTE_DA=needs_grad_lora, HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype),
+            R_PAD=r_pad, BLOCK_R=min(r_pad, 32),
+        )
+    elif needs_grad_x:
+        dx.zero_()
+    grad_A = da.to(lora_A.dtype) if da is not None else None
+    grad_B = db.to(lora_B.dtype) if db is not None else None
+    return dx, grad_A, grad_B
+
+
+def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
+    """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row*K + col)``:
+    ``keep = tl.rand(seed, row*K + col) >= p`` (Philox, int64 offsets)."""
+    check_scalars(1.0, dropout_p, seed)
+    device = torch.device(device)
+    out = torch.empty((M, K), dtype=torch.uint8, device=device)
+    if M * K > 0:
+        if device.type == "cpu" and not interpreting():
+            raise ValueError("dropout_keep_mask needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        bm, bk = (16, 64) if interpreting() else (32, 128)
+        grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
+        _keep_mask_kernel[grid](out, M, K, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+    return out.view(torch.bool)

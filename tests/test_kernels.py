@@ -1,0 +1,368 @@
+"""Numerics of the Triton LoRA kernels (lorafast.kernels) against lorafast.reference.
+
+On CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton; tests/conftest.py sets it too for whole-suite runs) on small odd
+shapes; on a CUDA machine the same cases run on the GPU (``-m gpu``) plus real-size checks.
+
+Accuracy rule (DESIGN.md §5, flash-attention's): against an fp64 reference, the kernel's max
+error may be at most twice the max error of plain PyTorch at the same precision (the reference
+with every tensor in x's dtype) plus the table's atol (tests/tolerances.py); fp32 outputs are
+also checked elementwise against the fp32 reference with the table's atol/rtol. (Elementwise
+rtol against fp64 does not suit fp16/bf16: a small y element inherits the rounding error of
+the larger u and x Wᵀ terms it is summed from, in the kernel and in PyTorch alike.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kernel_harness import interpreter_bf16_fixes, interpreting  # noqa: E402
+from lorafast import reference as ref  # noqa: E402
+from tolerances import TOLERANCES, assert_close  # noqa: E402
+
+if not torch.cuda.is_available() and not interpreting():  # pragma: no cover
+    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+if "lorafast.kernels" in sys.modules and not torch.cuda.is_available():
+    # kernels decorated before TRITON_INTERPRET was set would try to compile for a GPU
+    import triton.runtime.interpreter as _interp
+
+    if not isinstance(sys.modules["lorafast.kernels.lora_linear"]._lora_down_kernel.fn, _interp.InterpretedFunction):
+        pytest.skip("lorafast.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+from lorafast import kernels as K  # noqa: E402
+from lorafast.kernels import (  # noqa: E402
+    choose_main_gemm,
+    dropout_keep_mask,
+    lora_backward,
+    lora_forward,
+    lora_merge_,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _bf16_fixes():
+    with interpreter_bf16_fixes():
+        yield
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_inputs(M, K_, N, r, dtype, bias, lora_dtype=F32, device=DEVICE, seed=0, noncontig=False):
+    """Random x [M,K], W [N,K], bias [N], A [r,K], B [N,r], dY [M,N] with O(1) outputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K_, generator=g)
+    w = torch.randn(N, K_, generator=g) / math.sqrt(K_)
+    b = torch.randn(N, generator=g) * 0.5 if bias else None
+    a = torch.randn(r, K_, generator=g) / math.sqrt(K_)
+    bb = torch.randn(N, r, generator=g) / math.sqrt(r)
+    dy = torch.randn(M, N, generator=g) / math.sqrt(N)
+    x, w, dy = (t.to(device=device, dtype=dtype) for t in (x, w, dy))
+    if noncontig:  # x and W as transposed views (Conv1D-style weight)
+        x = x.t().contiguous().t()
+        w = w.t().contiguous().t()
+    b = b.to(device=device, dtype=dtype) if b is not None else None
+    a, bb = a.to(device=device, dtype=lora_dtype), bb.to(device=device, dtype=lora_dtype)
+    return x, w, b, a, bb, dy
+
+
+def _d(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def check_rule(name, actual, truth, lowp, dtype):
+    """max|actual - truth| <= 2 max|lowp - truth| + atol (flash-attention's rule)."""
+    err = (actual.double() - truth.double()).abs().max().item()
+    base = (lowp.double() - truth.double()).abs().max().item()
+    bound = 2 * base + TOLERANCES[dtype]["atol"]
+    assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x torch error {base:.3g} + atol"
+
+
+def run_case(M, K_, N, r, dtype, bias, p, lora_dtype, path=None, main_gemm=None, noncontig=False, device=DEVICE):
+    x, w, b, a, bb, dy = make_inputs(M, K_, N, r, dtype, bias, lora_dtype, device=device, noncontig=noncontig)
+    s, seed = 2.0, 1234
+    y, u = lora_forward(x, w, b, a, bb, s, p, seed, path=path)
+    dx, da, db = lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=main_gemm)
+    assert y.dtype == dtype and u.dtype == F32 and dx.dtype == dtype
+    assert da.dtype == lora_dtype and db.dtype == lora_dtype
+    assert y.shape == (M, N) and u.shape == (M, r) and dx.shape == (M, K_) and da.shape == (r, K_) and db.shape == (N, r)
+    mask = dropout_keep_mask(seed, M, K_, p, device) if p > 0 else None
+    f64 = torch.float64
+    # fp64 truth and "plain PyTorch at the same precision" (all tensors in x's dtype)
+    y64, u64 = ref.lora_forward(*(_d(t, f64) for t in (x, w, b, a, bb)), s, p, mask)
+    dx64, da64, db64 = ref.lora_backward(*(_d(t, f64) for t in (dy, x, w, a, bb, u64)), s, p, mask)
+    yl, ul = ref.lora_forward(*(_d(t, dtype) for t in (x, w, b, a, bb)), s, p, mask)
+    dxl, dal, dbl = ref.lora_backward(*(_d(t, dtype) for t in (dy, x, w, a, bb, ul)), s, p, mask)
+    for name, act, truth, low in [("y", y, y64, yl), ("u", u, u64, ul), ("dx", dx, dx64, dxl),
+                                  ("dA", da, da64, dal), ("dB", db, db64, dbl)]:
+        check_rule(name, act, truth, low, dtype)
+    if dtype == F32:  # fp32: every output elementwise against the fp32 reference too
+        yr, ur = ref.lora_forward(x, w, b, a, bb, s, p, mask)
+        dxr, dar, dbr = ref.lora_backward(dy, x, w, a, bb, ur, s, p, mask)
+        for act, exp in [(y, yr), (u, ur), (dx, dxr), (da, dar), (db, dbr)]:
+            assert_close(act, exp, F32)
+
+
+# (M, K, N, r, dtype, bias, dropout_p, lora dtype): odd sizes off the 32-block grid, every
+# rank class (r < 16 padded, r = 16, r = 64 multi-chunk epilogue, r = 130 -> R_PAD 256)
+CASES = [
+    (1, 24, 40, 1, F32, True, 0.0, F32),
+    (7, 72, 40, 4, F16, False, 0.1, F32),
+    (33, 40, 72, 8, BF16, True, 0.1, F32),
+    (33, 72, 24, 16, F32, False, 0.1, F32),
+    (7, 40, 24, 64, BF16, False, 0.0, BF16),
+    (70, 24, 40, 16, F16, True, 0.0, F16),
+    (70, 72, 40, 4, BF16, True, 0.1, F32),
+    (65, 40, 72, 64, F32, True, 0.1, F32),
+    (100, 24, 24, 1, F16, False, 0.1, F32),
+    (70, 40, 24, 130, F32, False, 0.1, F32),
+]
+
+
+def _case_id(c):
+    M, K_, N, r, dt, bias, p, ld = c
+    return f"M{M}-K{K_}-N{N}-r{r}-{str(dt)[6:]}-{'bias' if bias else 'nobias'}-p{p}-lora_{str(ld)[6:]}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("paths", [(None, None), ("triton", "cublas"), ("cublas", "triton")],
+                         ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"])
+def test_forward_backward_match_reference(case, paths):
+    run_case(*case, path=paths[0], main_gemm=paths[1])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_non_contiguous_x_and_weight(dtype):
+    run_case(33, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
+    run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [7, 70])
+def test_small_m_path_equals_two_kernel_path(M):
+    x, w, b, a, bb, _ = make_inputs(M, 72, 40, 8, F32, True)
+    y1, u1 = lora_forward(x, w, b, a, bb, 0.5, 0.2, 77, path="small_m")
+    y2, u2 = lora_forward(x, w, b, a, bb, 0.5, 0.2, 77, path="triton")
+    assert_close(u1, u2, F32)
+    assert_close(y1, y2, F32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)])
+def test_needs_grad_flags(flags):
+    x, w, b, a, bb, dy = make_inputs(33, 40, 24, 4, F32, False)
+    y, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 5)
+    full = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 5)
+    part = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 5, needs_grad_x=flags[0], needs_grad_lora=flags[1])
+    assert (part[0] is not None) == flags[0]
+    assert (part[1] is not None) == flags[1] and (part[2] is not None) == flags[1]
+    for got, want in zip(part, full):
+        if got is not None:
+            assert_close(got, want, F32)
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+
+def _identity_problem(M, n, p, seed, device=DEVICE):
+    """A = B = I (r = K = N = n), W = 0, x = 1, s = 1: then u = y = m/(1-p) (forward's mask),
+    and with dY = 1: du = 1, dX = m/(1-p) (backward's mask), dA[j, k] = Σ_m x̂[m, k]."""
+    x = torch.ones(M, n, device=device)
+    w = torch.zeros(n, n, device=device)
+    eye = torch.eye(n, device=device)
+    return x, w, eye.clone(), eye.clone()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M,path", [(7, "small_m"), (7, "triton"), (70, "triton"), (70, "cublas")])
+def test_forward_and_backward_draw_the_same_mask(M, path):
+    n, p, seed = 40, 0.3, 2024
+    x, w, a, bb = _identity_problem(M, n, p, seed)
+    y, u = lora_forward(x, w, None, a, bb, 1.0, p, seed, path=path)
+    dx, da, db = lora_backward(torch.ones(M, n, device=DEVICE), x, w, a, bb, u, 1.0, p, seed, main_gemm="triton")
+    expected = dropout_keep_mask(seed, M, n, p, DEVICE)
+    fwd_mask, y_mask, bwd_mask = u != 0, y != 0, dx != 0
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(fwd_mask, expected), "forward (u) mask differs from dropout_keep_mask"
+    assert torch.equal(y_mask, expected), "forward (y) mask differs from dropout_keep_mask"
+    assert torch.equal(bwd_mask, expected), "backward (dX) mask differs from the forward's"
+    scale = 1.0 / (1.0 - p)
+    assert_close(u, expected.float() * scale, F32)
+    assert_close(dx, expected.float() * scale, F32)
+    assert_close(da, (expected.float() * scale).sum(0).expand(n, n), F32)  # dA = duᵀ x̂
+    # another seed draws another mask (a constant mask would pass the checks above)
+    _, u_other = lora_forward(x, w, None, a, bb, 1.0, p, seed + 1, path=path)
+    assert not torch.equal(u_other != 0, fwd_mask)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_and_offsets(p):
+    M, K_ = 96, 640
+    mask = dropout_keep_mask(7, M, K_, p, DEVICE)
+    assert mask.dtype == torch.bool and mask.shape == (M, K_)
+    n = mask.numel()
+    rate = mask.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 3 * sigma, f"keep rate {rate:.4f} vs {1 - p} (3 sigma = {3 * sigma:.4f})"
+    # the mask depends on (seed, row*K + col) only: fewer rows give a prefix of the same mask
+    assert torch.equal(dropout_keep_mask(7, 5, K_, p, DEVICE), mask[:5])
+    assert torch.equal(dropout_keep_mask(7, M, K_, p, DEVICE), mask)
+    assert not torch.equal(dropout_keep_mask(8, M, K_, p, DEVICE), mask)
+    assert dropout_keep_mask(7, 4, 8, 0.0, DEVICE).all()
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,lora_dtype", [(F32, F32), (F16, F32), (BF16, F32), (BF16, BF16)])
+@pytest.mark.parametrize("r", [4, 40])
+def test_merge_and_unmerge(dtype, lora_dtype, r):
+    N, K_ = 72, 40
+    _, w, _, a, bb, _ = make_inputs(3, K_, N, r, dtype, False, lora_dtype)
+    for weight in (w.clone(), w.t().contiguous().t()):  # contiguous and transposed view
+        original = weight.clone()
+        lora_merge_(weight, a, bb, 1.5)
+        expected = ref.merged_weight(original, a, bb, 1.5)
+        if dtype == F32:
+            assert_close(weight, expected, F32)
+        else:  # same fp32 value rounded once: equal up to one ulp where summation order flips a tie
+            torch.testing.assert_close(weight.float(), expected.float(), atol=0, rtol=2 ** -7 if dtype == BF16 else 2 ** -10)
+        lora_merge_(weight, a, bb, 1.5, sign=-1.0)
+        assert_close(weight, original, dtype)
+
+
+# ----------------------------------------------------------------------------- API contract
+
+
+@pytest.mark.interpreter
+def test_validation_errors():
+    x, w, b, a, bb, dy = make_inputs(7, 24, 40, 4, F32, True)
+    with pytest.raises(ValueError, match=r"weight \(40, 25\)"):
+        lora_forward(x, torch.zeros(40, 25), b, a, bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_forward(x, w, b, a, bb[:, :3], 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="bias"):
+        lora_forward(x, w, b[:5], a, bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        lora_forward(x, w.half(), b, a, bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="2D"):
+        lora_forward(x[None], w, b, a, bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_forward(x, w, b, a, bb, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="rank"):
+        lora_forward(x, w, b, torch.zeros(257, 24), torch.zeros(40, 257), 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="device"):
+        lora_forward(x, w, b, a.to("meta"), bb, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="grad_y"):
+        lora_backward(dy[:, :5], x, w, a, bb, torch.zeros(7, 4), 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="u"):
+        lora_backward(dy, x, w, a, bb, torch.zeros(7, 5), 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="path"):
+        lora_forward(x, w, b, a, bb, 1.0, 0.0, 0, path="nope")
+    with pytest.raises(ValueError, match="lora_A"):
+        lora_merge_(w, torch.zeros(4, 25), bb, 1.0)
+
+
+def test_choose_main_gemm(monkeypatch):
+    monkeypatch.delenv("LORAFAST_MAIN_GEMM", raising=False)
+    assert choose_main_gemm(8192, 4096, 4096, "cpu") == "triton"
+    monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
+    assert choose_main_gemm(8192, 4096, 4096, "cpu") == "cublas"
+    assert hasattr(K, "MAIN_GEMM_TABLE")
+
+
+def test_bf16_harness_fixes_interpreter_dot():
+    """The harness fix itself: a bf16 product through the interpreter must be a real product."""
+    x, w, b, a, bb, _ = make_inputs(7, 24, 40, 4, BF16, False, BF16)
+    y, _ = lora_forward(x, w, None, a, bb, 1.0, 0.0, 0)
+    expected = ref.lora_forward(x.double(), w.double(), None, a.double(), bb.double(), 1.0, 0.0, None)[0]
+    assert_close(y, expected, BF16)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("paths", [(None, None), ("triton", "cublas"), ("cublas", "triton")],
+                         ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"])
+def test_gpu_small_odd_shapes(case, paths):
+    run_case(*case, path=paths[0], main_gemm=paths[1], device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M,path", [(16, None), (4096, "triton"), (4096, "cublas")])
+def test_gpu_real_size_bf16(M, path):
+    run_case(M, 4096, 4096, 16, BF16, True, 0.1, F32, path=path, main_gemm=path, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_real_size_fp16_no_dropout():
+    run_case(2048, 1024, 3072, 64, F16, False, 0.0, F32, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M,path", [(7, "small_m"), (4096, "triton")])
+def test_gpu_mask_fwd_bwd(M, path):
+    n, p, seed = 128, 0.25, 99
+    x, w, a, bb = _identity_problem(M, n, p, seed, device="cuda")
+    y, u = lora_forward(x, w, None, a, bb, 1.0, p, seed, path=path)
+    dx, _, _ = lora_backward(torch.ones(M, n, device="cuda"), x, w, a, bb, u, 1.0, p, seed)
+    expected = dropout_keep_mask(seed, M, n, p, "cuda")
+    assert torch.equal(u != 0, expected) and torch.equal(dx != 0, expected)
+
+
+@gpu
+@needs_cuda
+def test_gpu_int64_offsets():
+    """Rows past 2**31 / K: the mask offsets and the pointer offsets must be int64."""
+    K_, r, p, seed = 4096, 16, 0.1, 3
+    M = 2**31 // K_ + 64
+    x = torch.randn(M, K_, device="cuda", dtype=BF16)
+    w = torch.randn(16, K_, device="cuda", dtype=BF16) / 64
+    a = torch.randn(r, K_, device="cuda") / 64
+    bb = torch.randn(16, r, device="cuda")
+    y, u = lora_forward(x, w, None, a, bb, 2.0, p, seed)
+    mask = dropout_keep_mask(seed, M, K_, p, "cuda")[-128:]
+    y_ref, u_ref = ref.lora_forward(x[-128:].double(), w.double(), None, a.double(), bb.double(), 2.0, p, mask)
+    assert_close(u[-128:], u_ref, BF16)
+    assert_close(y[-128:], y_ref, BF16)
+    rate = dropout_keep_mask(seed, M, K_, p, "cuda").double().mean().item()
+    assert abs(rate - (1 - p)) < 3 * math.sqrt(p * (1 - p) / (M * K_))
+
+
+@gpu
+@needs_cuda
+def test_gpu_merge_real_size():
+    N, K_, r = 4096, 4096, 16
+    _, w, _, a, bb, _ = make_inputs(1, K_, N, r, BF16, False, F32, device="cuda")
+    original = w.clone()
+    lora_merge_(w, a, bb, 2.0)
+    torch.testing.assert_close(w.float(), ref.merged_weight(original, a, bb, 2.0).float(), atol=0, rtol=2**-7)
+    lora_merge_(w, a, bb, 2.0, sign=-1.0)
+    assert_close(w, original, BF16)
