@@ -103,7 +103,7 @@ def apply_lora(model: nn.Module, config, lora_dtype: torch.dtype = torch.float32
 
 
 def _unfreeze_kept_parameters(model: nn.Module, config: LoraConfig) -> None:
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for param_name, parameter in module.named_parameters(recurse=False):
             is_lora = param_name in ("lora_A", "lora_B") and isinstance(module, LoraLinear)
             is_bias = param_name == "bias"

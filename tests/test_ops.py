@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import peft
 import pytest
@@ -63,7 +66,7 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(layer, fullgraph=True)(x)
     compiled.sum().backward()
     assert_close(compiled, eager)
-    for got, want in zip([x.grad, layer.lora_A.grad, layer.lora_B.grad], eager_grads):
+    for got, want in zip([x.grad, layer.lora_A.grad, layer.lora_B.grad], eager_grads, strict=True):
         assert_close(got, want)
 
 
@@ -191,3 +194,15 @@ def test_backend_selection(monkeypatch):
         assert ops.use_triton(torch.device("cpu")) is False
     finally:
         lorafast.set_backend("auto")
+
+
+def _backend_in_fresh_process(value: str) -> subprocess.CompletedProcess:
+    code = "import lorafast; print(lorafast.get_backend())"
+    env = {**os.environ, "LORAFAST_BACKEND": value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_backend_environment_variable():
+    assert _backend_in_fresh_process("torch").stdout.strip() == "torch"
+    failed = _backend_in_fresh_process("fast")
+    assert failed.returncode != 0 and "unknown lorafast backend 'fast'" in failed.stderr

@@ -94,7 +94,7 @@ def test_half_precision_no_less_accurate_than_peft(case, dtype):
     model, peft_model = _pair(lambda d: build(dtype=d), targets, dtype)
     exact_model, _ = _pair(lambda d: build(dtype=d), targets, torch.float64)
     with torch.no_grad():  # the fp64 run gets the same LoRA weights as the half-precision pair
-        for (_, layer), (_, exact_layer) in zip(lorafast.lora_layers(model), lorafast.lora_layers(exact_model)):
+        for (_, layer), (_, exact_layer) in zip(lorafast.lora_layers(model), lorafast.lora_layers(exact_model), strict=True):
             exact_layer.lora_A.copy_(layer.lora_A)
             exact_layer.lora_B.copy_(layer.lora_B)
     output, grads = _run(model, inputs, select_output)
