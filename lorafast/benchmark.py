@@ -1,0 +1,435 @@
+"""The one benchmark harness: timing, memory, environment and reporting.
+
+Every benchmark in the project (``lorafast bench``, ``bench/test_bench_cpu.py``,
+``bench/kernel_bench.py``) times with :func:`measure_time`, counts memory with
+:func:`peak_memory_bytes` and :func:`saved_activation_bytes`, and reports through
+:class:`BenchRow` and the writers here, so numbers from different scripts mean the same thing.
+
+Timing: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events); on the CPU
+a ``time.perf_counter`` loop with warmup and a time budget. Both give the median and the 20th /
+80th percentiles in milliseconds.
+
+Files are written atomically: to a temporary file in the target's directory, then
+``os.replace``, so a crash or a full disk never leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+VERSIONED_PACKAGES = ("torch", "triton", "peft", "transformers", "lorafast")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True)
+class TimingBudget:
+    """How long to time one callable.
+
+    CPU: ``cpu_warmup_calls`` untimed calls, then timed calls until ``cpu_seconds`` have passed,
+    at least ``cpu_min_calls`` and at most ``cpu_max_calls`` of them.
+    CUDA: ``do_bench(warmup=cuda_warmup_ms, rep=cuda_rep_ms)``.
+    """
+
+    cpu_seconds: float = 1.0
+    cpu_warmup_calls: int = 2
+    cpu_min_calls: int = 5
+    cpu_max_calls: int = 100
+    cuda_warmup_ms: int = 25
+    cuda_rep_ms: int = 100
+
+    def __post_init__(self) -> None:
+        if self.cpu_seconds <= 0 or self.cuda_warmup_ms < 0 or self.cuda_rep_ms <= 0:
+            raise ValueError(f"timing budgets must be positive, got {self}")
+        if self.cpu_warmup_calls < 0 or not 3 <= self.cpu_min_calls <= self.cpu_max_calls:
+            raise ValueError(f"need 0 <= cpu_warmup_calls and 3 <= cpu_min_calls <= cpu_max_calls, got {self}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and 20th / 80th percentile of one call, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def measure_time(
+    fn: Callable[[], object],
+    device: torch.device,
+    budget: TimingBudget,
+    grads_to_reset: Sequence[torch.Tensor] = (),
+) -> Timing:
+    """Time ``fn()``; the ``.grad`` of ``grads_to_reset`` is set to None before each call, outside the timing."""
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(
+            fn,
+            warmup=budget.cuda_warmup_ms,
+            rep=budget.cuda_rep_ms,
+            grad_to_none=list(grads_to_reset) or None,
+            quantiles=[0.5, 0.2, 0.8],
+        )
+        return Timing(median, p20, p80)
+    if device.type != "cpu":
+        raise ValueError(f"the benchmark harness times cpu and cuda devices, got {device.type!r}")
+    for _ in range(budget.cpu_warmup_calls):
+        _reset_grads(grads_to_reset)
+        fn()
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < budget.cpu_min_calls or (
+        len(samples) < budget.cpu_max_calls and time.perf_counter() - started < budget.cpu_seconds
+    ):
+        _reset_grads(grads_to_reset)
+        call_start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - call_start) * 1e3)
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return Timing(median_ms=statistics.median(samples), p20_ms=deciles[1], p80_ms=deciles[7])
+
+
+def peak_memory_bytes(
+    fn: Callable[[], object], device: torch.device, grads_to_reset: Sequence[torch.Tensor] = ()
+) -> int | None:
+    """Bytes one ``fn()`` allocates at its peak beyond what was allocated before it (CUDA); None on the CPU.
+
+    The ``.grad`` of ``grads_to_reset`` is set to None first, as :func:`measure_time` does.
+    """
+    if device.type != "cuda":
+        return None
+    _reset_grads(grads_to_reset)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - resident
+
+
+def saved_activation_bytes(forward: Callable[[], object], parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward while ``forward()`` runs: unique storages, parameters excluded.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: each saved tensor's storage is
+    counted once (views of one storage, or one tensor saved by several ops, cost once), and
+    storages shared with ``parameters`` (frozen weights, LoRA factors: they live anyway) are
+    not counted. The output of ``forward()`` is dropped before returning.
+    """
+    parameter_storages = {parameter.untyped_storage().data_ptr() for parameter in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
+
+def copy_bandwidth_gbps(device: torch.device, budget: TimingBudget, megabytes: int | None = None) -> float:
+    """The device's copy roofline: GB/s (1e9 bytes) read plus written by ``dst.copy_(src)`` of a large tensor.
+
+    ``megabytes`` defaults to 1024 on CUDA (well beyond any L2) and 128 on the CPU.
+    """
+    size_mb = megabytes or (1024 if device.type == "cuda" else 128)
+    source = torch.empty(size_mb * 2**20, dtype=torch.uint8, device=device).fill_(1)
+    destination = torch.empty_like(source)
+    timing = measure_time(lambda: destination.copy_(source), device, budget)
+    return 2 * source.numel() / (timing.median_ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` on CUDA; on the CPU the processor model and the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model} ({torch.get_num_threads()} threads)"
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of the checkout lorafast runs from, or ``"unknown"``."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The fields every row carries: device name, library versions, git commit."""
+    return {
+        "device": device_name(device),
+        **{f"{name}_version": package_version(name) for name in VERSIONED_PACKAGES},
+        "git_commit": git_commit(),
+    }
+
+
+@dataclass
+class BenchRow:
+    """One measurement: a provider running one mode of one case.
+
+    ``status`` is ``"ok"``, ``"skipped: <why>"`` or ``"error: <what>"``; a row that is not ok
+    has no timings. ``ratio_to_floor`` is median / the base layer's median (same case and mode),
+    ``speedup_over_peft`` is PEFT's median / median. ``roofline_fraction`` is the achieved GB/s
+    (minimum bytes the mode must move / time) over the measured copy bandwidth.
+    ``peak_memory_bytes`` is the peak beyond the memory resident before the call (CUDA only);
+    ``saved_activation_bytes`` is what autograd keeps for backward (training modes only).
+    """
+
+    suite: str
+    case: str
+    mode: str
+    provider: str
+    dtype: str
+    tokens: int
+    rank: int
+    dropout: float
+    in_features: int | None = None
+    out_features: int | None = None
+    status: str = "ok"
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    ratio_to_floor: float | None = None
+    speedup_over_peft: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    roofline_fraction: float | None = None
+    peak_memory_bytes: int | None = None
+    saved_activation_bytes: int | None = None
+    tokens_per_s: float | None = None
+    device: str = ""
+    torch_version: str = ""
+    triton_version: str = ""
+    peft_version: str = ""
+    transformers_version: str = ""
+    lorafast_version: str = ""
+    git_commit: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+FLOOR_PROVIDER = "base"
+PEFT_PROVIDER = "peft"
+
+
+def fill_relative_metrics(rows: Sequence[BenchRow]) -> None:
+    """Set ``ratio_to_floor`` and ``speedup_over_peft`` on every ok row, per (suite, case, mode)."""
+    medians = {(row.suite, row.case, row.mode, row.provider): row.median_ms for row in rows if row.ok}
+    for row in rows:
+        if not row.ok:
+            continue
+        floor = medians.get((row.suite, row.case, row.mode, FLOOR_PROVIDER))
+        peft = medians.get((row.suite, row.case, row.mode, PEFT_PROVIDER))
+        row.ratio_to_floor = row.median_ms / floor if floor else None
+        row.speedup_over_peft = peft / row.median_ms if peft else None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``, on error it is removed."""
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, mode) as handle:
+            yield handle
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] | None = None) -> Path:
+    """Fail early (before a long run) if ``path`` cannot be written: missing folder, wrong suffix, a folder."""
+    target = Path(path)
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{target}: expected a file ending in one of {', '.join(suffixes)}")
+    if target.is_dir():
+        raise ValueError(f"{target} is a directory, expected a file path")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{target}: the folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise ValueError(f"{target}: the folder {target.parent} is not writable")
+    return target
+
+
+def rows_as_dicts(rows: Iterable[BenchRow]) -> list[dict]:
+    return [dataclasses.asdict(row) for row in rows]
+
+
+def write_json(rows: Sequence[BenchRow], path: str | os.PathLike, copy_gbps: float | None = None) -> None:
+    """``{"copy_bandwidth_gbps": ..., "rows": [...]}``, written atomically."""
+    with atomic_output(path) as handle:
+        json.dump({"copy_bandwidth_gbps": copy_gbps, "rows": rows_as_dicts(rows)}, handle, indent=1)
+        handle.write("\n")
+
+
+def write_csv(rows: Sequence[BenchRow], path: str | os.PathLike) -> None:
+    """One line per row, every :class:`BenchRow` field a column (empty for None), written atomically."""
+    with atomic_output(path, mode="w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[field.name for field in dataclasses.fields(BenchRow)])
+        writer.writeheader()
+        writer.writerows(rows_as_dicts(rows))
+
+
+def _format_number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _format_mebibytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+TABLE_COLUMNS = (
+    ("case", "<"),
+    ("mode", "<"),
+    ("provider", "<"),
+    ("median ms [p20, p80]", ">"),
+    ("x floor", ">"),
+    ("x PEFT", ">"),
+    ("TFLOP/s", ">"),
+    ("% copy BW", ">"),
+    ("tok/s", ">"),
+    ("peak MiB", ">"),
+    ("saved MiB", ">"),
+)
+
+
+def _table_cells(row: BenchRow) -> tuple[str, ...]:
+    return (
+        row.case,
+        row.mode,
+        row.provider,
+        f"{row.median_ms:.3f} [{row.p20_ms:.3f}, {row.p80_ms:.3f}]",
+        _format_number(row.ratio_to_floor, ".2f"),
+        _format_number(row.speedup_over_peft, ".2f"),
+        _format_number(row.tflops, ".2f"),
+        _format_number(None if row.roofline_fraction is None else 100 * row.roofline_fraction, ".0f"),
+        _format_number(row.tokens_per_s, ",.0f"),
+        _format_mebibytes(row.peak_memory_bytes),
+        _format_mebibytes(row.saved_activation_bytes),
+    )
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A plain-text table, one line per row, a rule between (case, mode) groups; a row that is not ok shows why."""
+    header = tuple(name for name, _ in TABLE_COLUMNS)
+    labels = [(row.case, row.mode, row.provider) for row in rows]
+    cells = [_table_cells(row) if row.ok else (*label, row.status) for row, label in zip(rows, labels, strict=True)]
+    measured = [line for line in cells if len(line) == len(header)]
+    widths = [max(len(line[i]) for line in [header, *measured, *labels] if i < len(line)) for i in range(len(header))]
+
+    def render(line: tuple[str, ...]) -> str:
+        if len(line) < len(header):  # a skipped or failed row: its labels, then the reason unpadded
+            return "  ".join([*(f"{cell:<{widths[i]}}" for i, cell in enumerate(line[:-1])), line[-1]])
+        return "  ".join(
+            f"{cell:{align}{widths[i]}}" for i, (cell, (_, align)) in enumerate(zip(line, TABLE_COLUMNS, strict=True))
+        )
+
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    out = [render(header), rule]
+    for index, line in enumerate(cells):
+        if index and labels[index][:2] != labels[index - 1][:2]:
+            out.append(rule)
+        out.append(render(line).rstrip())
+    return "\n".join(out)
+
+
+def write_speedup_plot(rows: Sequence[BenchRow], path: str | os.PathLike) -> None:
+    """Bar chart of the speed-up over PEFT per case, one panel per mode, one bar per LoRA provider; atomic.
+
+    The dashed line at 1 is PEFT. The base layer (no LoRA) is left out: its ratio to PEFT is in
+    the table, and as the tallest bar by far it would flatten the rest. Raises ``ValueError`` if
+    no row has a speed-up over PEFT.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    excluded = (PEFT_PROVIDER, FLOOR_PROVIDER)
+    plotted = [row for row in rows if row.ok and row.speedup_over_peft is not None and row.provider not in excluded]
+    if not plotted:
+        raise ValueError("nothing to plot: no LoRA row has a speed-up over PEFT (was PEFT skipped?)")
+    modes = list(dict.fromkeys(row.mode for row in plotted))
+    providers = list(dict.fromkeys(row.provider for row in plotted))
+    most_cases = max(len({row.case for row in plotted if row.mode == mode}) for mode in modes)
+    width = min(40.0, max(9.0, 2.0 + 0.3 * len(providers) * most_cases))
+    figure, axes = plt.subplots(
+        len(modes), 1, figsize=(width, 1.0 + 2.8 * len(modes)), squeeze=False, layout="constrained"
+    )
+    bar_width = 0.8 / len(providers)
+    for axis, mode in zip(axes[:, 0], modes, strict=True):
+        mode_rows = [row for row in plotted if row.mode == mode]
+        cases = list(dict.fromkeys(row.case for row in mode_rows))
+        speedups = {(row.case, row.provider): row.speedup_over_peft for row in mode_rows}
+        for index, provider in enumerate(providers):
+            positions = [c + (index - (len(providers) - 1) / 2) * bar_width for c in range(len(cases))]
+            heights = [speedups.get((case, provider), 0.0) for case in cases]
+            bars = axis.bar(positions, heights, bar_width, label=provider, color=f"C{index}")
+            axis.bar_label(bars, labels=[f"{h:.2f}" if h else "" for h in heights], fontsize=7, padding=1)
+        axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label="peft" if axis is axes[0, 0] else None)
+        axis.set_xticks(
+            range(len(cases)),
+            cases,
+            fontsize=8,
+            rotation=30 if len(cases) > 4 else 0,
+            ha="right" if len(cases) > 4 else "center",
+        )
+        axis.set_ylabel("speed-up over PEFT")
+        axis.set_title(mode, fontsize=10)
+        axis.margins(y=0.15)
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    first = plotted[0]
+    figure.suptitle(
+        f"LoRA speed-up over PEFT: {first.device}, {first.dtype}, lorafast @ {first.git_commit}", fontsize=10
+    )
+    target = Path(path)
+    with atomic_output(target, mode="wb") as handle:
+        figure.savefig(handle, format=target.suffix.lstrip(".").lower(), dpi=120)
+    plt.close(figure)
