@@ -32,6 +32,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_enabled() -> bool:
+    """False when ``LORAFAST_AUTOTUNE=0``: every kernel uses its one default config."""
+    return os.environ.get("LORAFAST_AUTOTUNE", "1").strip() != "0"
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -78,7 +83,9 @@ def check_same_device(named: Sequence[tuple[str, torch.Tensor | None]]) -> torch
     device = tensors[0][1].device
     for name, t in tensors[1:]:
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but {tensors[0][0]} is on {device}: all tensors must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but {tensors[0][0]} is on {device}: all tensors must share a device"
+            )
     if device.type == "cpu" and not interpreting():
         raise ValueError(
             "Triton kernels need CUDA tensors; got CPU tensors (set TRITON_INTERPRET=1 to run them "

@@ -47,6 +47,7 @@ import triton.language as tl
 from ._common import (
     MAX_RANK,
     SMALL_M_MAX,
+    autotune_enabled,
     check_2d,
     check_float,
     check_same_device,
@@ -68,6 +69,12 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
+def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
+    """All configs, or only the first (the default) when ``LORAFAST_AUTOTUNE=0`` (read at import):
+    GPU test runs use that to skip autotuning's compiles and benchmarks."""
+    return configs if autotune_enabled() else configs[:1]
+
+
 def _gemm_configs(bn_name: str) -> list[triton.Config]:
     """Main-GEMM tiles (the matmul tutorial's Hopper/Ampere set). ``bn_name`` is the output
     column block's name (BLOCK_N in F2, BLOCK_K in B2, whose reduction block is BLOCK_N)."""
@@ -75,15 +82,15 @@ def _gemm_configs(bn_name: str) -> list[triton.Config]:
     if interpreting():
         return [_cfg(num_stages=1, BLOCK_M=32, **{bn_name: 32, red: 32}, GROUP_M=4)]
     shapes = [  # (BM, BN, BK, warps, stages)
+        (128, 128, 64, 8, 3),  # first: the default when autotuning is off
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
     ]
-    return [_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes]
+    return _tuned([_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes])
 
 
 def _forward_configs() -> list[triton.Config]:
@@ -100,24 +107,43 @@ def _down_configs() -> list[triton.Config]:
     """F1 (u = s x̂ Aᵀ): a skinny GEMM bound by reading x."""
     if interpreting():
         return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_K=32)]
-    return [_cfg(w, s, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, w, s in
-            [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]]
+    return _tuned(
+        [
+            _cfg(w, s, BLOCK_M=bm, BLOCK_K=bk)
+            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
+        ]
+    )
 
 
 def _dy_configs() -> list[triton.Config]:
     """B1 (du, dB from one pass over dY)."""
     if interpreting():
         return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_N=32)]
-    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in
-            [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]]
+    return _tuned(
+        [
+            _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn)
+            for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+        ]
+    )
 
 
 def _small_m_configs() -> list[triton.Config]:
     """Small-M fused forward: bound by reading W; small BLOCK_N gives more programs."""
     if interpreting():
         return [_cfg(num_stages=1, BLOCK_N=32, BLOCK_K=32)]
-    return [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in
-            [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]]
+    return _tuned(
+        [
+            _cfg(w, s, BLOCK_N=bn, BLOCK_K=bk)
+            for bn, bk, w, s in [
+                (64, 128, 4, 4),
+                (32, 128, 4, 4),
+                (64, 64, 4, 4),
+                (128, 64, 4, 3),
+                (32, 256, 4, 3),
+                (16, 256, 4, 3),
+            ]
+        ]
+    )
 
 
 def _prune_factory(dims: dict[str, str]):
@@ -139,6 +165,26 @@ def _prune_factory(dims: dict[str, str]):
     return prune
 
 
+_small_m_dims_prune = _prune_factory({"BLOCK_N": "N", "BLOCK_K": "K"})
+
+
+def _small_m_prune(configs, named_args, **kwargs):
+    """Tile pruning plus an SMEM bound: the pipelined x, W and Aᵀ tiles (``R_PAD`` up to 256)
+    must fit (estimate: stages · (BM·BK + BK·BN + BK·R_PAD) · 2 bytes <= 160 KiB)."""
+    kept = _small_m_dims_prune(configs, named_args, **kwargs)
+    bm, r_pad = int(kwargs.get("BLOCK_M", 16)), int(kwargs.get("R_PAD", 16))
+
+    def smem(c):
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return max(c.num_stages, 1) * (bm * bk + bk * bn + bk * r_pad) * 2
+
+    fitting = [c for c in kept if smem(c) <= 160 * 1024]
+    if fitting:
+        return fitting
+    # large R_PAD (up to 256): a narrow, shallow pipeline always fits
+    return [_cfg(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_K=32)]
+
+
 # ============================================================================ kernels
 
 
@@ -149,13 +195,28 @@ def _prune_factory(dims: dict[str, str]):
 )
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, u_ptr,  # x [M, K], A [r, K], u [M, r] fp32
-    M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
+    x_ptr,
+    a_ptr,
+    u_ptr,  # x [M, K], A [r, K], u [M, r] fp32
+    M,
+    K,
+    R,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_um,
+    stride_ur,
     scale,  # s / (1 - p)
-    seed, p,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    seed,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
     DT = x_ptr.dtype.element_ty
@@ -187,18 +248,39 @@ def _lora_down_kernel(
 @triton.autotune(
     configs=_forward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS"],
-    prune_configs_by={
-        "early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})
-    },
+    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})},
 )
 @triton.jit
 def _lora_fwd_main_kernel(
-    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,  # x [M,K], W [N,K], bias [N], u [M,r] fp32, B [N,r], y [M,N]
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    b_ptr,
+    y_ptr,  # x [M,K], W [N,K], bias [N], u [M,r] fp32, B [N,r], y [M,N]
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_um,
+    stride_ur,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """F2: ``y = x Wᵀ + u Bᵀ + bias`` with one write of y; grid (cdiv(M,BM)·cdiv(N,BN),), swizzled."""
     DT = x_ptr.dtype.element_ty
@@ -235,18 +317,43 @@ def _lora_fwd_main_kernel(
 @triton.autotune(
     configs=_small_m_configs(),
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_N": "N", "BLOCK_K": "K"})},
+    prune_configs_by={"early_config_prune": _small_m_prune},
 )
 @triton.jit(do_not_specialize=["seed"])
 def _lora_fwd_small_m_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr,  # x [M,K], W [N,K], bias [N], A [r,K], B [N,r], y [M,N], u [M,r]
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_um, stride_ur,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    u_ptr,  # x [M,K], W [N,K], bias [N], A [r,K], B [N,r], y [M,N], u [M,r]
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_um,
+    stride_ur,
     scale,  # s / (1 - p)
-    seed, p,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    seed,
+    p,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Small-M forward, one kernel: in one K loop ``acc += x Wᵀ`` and ``xa += (m ⊙ x) Aᵀ``, then
     ``u = s/(1-p)·xa``, ``y = acc + u Bᵀ + bias``. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
@@ -303,13 +410,32 @@ def _lora_fwd_small_m_kernel(
 )
 @triton.jit
 def _lora_dy_kernel(
-    dy_ptr, b_ptr, u_ptr, du_ptr, db_ptr,  # dY [M,N], B [N,r], u [M,r], du [M,r] fp32, dB [N,r] fp32 (zeroed)
-    M, N, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur, stride_dum, stride_dur,
-    stride_dbn, stride_dbr,
+    dy_ptr,
+    b_ptr,
+    u_ptr,
+    du_ptr,
+    db_ptr,  # dY [M,N], B [N,r], u [M,r], du [M,r] fp32, dB [N,r] fp32 (zeroed)
+    M,
+    N,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_um,
+    stride_ur,
+    stride_dum,
+    stride_dur,
+    stride_dbn,
+    stride_dbr,
     scaling,
-    COMPUTE_DB: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """B1: one pass over dY. ``du[m, j] = s Σ_n dY[m,n] B[n,j]`` reduced over N in registers;
     ``dB[n, j] += Σ_{m in block} dY[m,n] u[m,j]`` per M block by fp32 atomics.
@@ -326,8 +452,9 @@ def _lora_dy_kernel(
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     db_ptrs = db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
     if COMPUTE_DB:
-        u = tl.load(u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DT)
+        u = tl.load(
+            u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        ).to(DT)
     du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_ok = offs_n < N - n * BLOCK_N
@@ -347,24 +474,54 @@ def _lora_dy_kernel(
 @triton.autotune(
     configs=_backward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "LOAD_ACC", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
-    prune_configs_by={
-        "early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})
-    },
+    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})},
     reset_to_zero=["da_ptr"],
     restore_value=["dx_ptr"],
 )
 @triton.jit(do_not_specialize=["seed"])
 def _lora_dx_kernel(
-    dy_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+    dy_ptr,
+    w_ptr,
+    du_ptr,
+    a_ptr,
+    x_ptr,
+    dx_ptr,
+    da_ptr,
     # dY [M,N], W [N,K], du [M,r] fp32, A [r,K], x [M,K], dX [M,K], dA [r,K] fp32 (zeroed)
-    M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dum, stride_dur, stride_ar, stride_ak,
-    stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar, stride_dak,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_dum,
+    stride_dur,
+    stride_ar,
+    stride_ak,
+    stride_xm,
+    stride_xk,
+    stride_dxm,
+    stride_dxk,
+    stride_dar,
+    stride_dak,
     inv_keep,  # 1 / (1 - p)
-    seed, p,
-    GEMM: tl.constexpr, LOAD_ACC: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    seed,
+    p,
+    GEMM: tl.constexpr,
+    LOAD_ACC: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DA: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """B2 for the output tile (rows rm, cols rk) of dX [M, K]; grid (cdiv(M,BM)·cdiv(K,BK),), swizzled.
 
@@ -407,29 +564,44 @@ def _lora_dx_kernel(
     for r0 in range(0, R_PAD, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        du = tl.load(du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DT)
+        du = tl.load(
+            du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        ).to(DT)
         if COMPUTE_DX:
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
+                mask=r_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             lora = tl.dot(du, a.to(DT), lora, input_precision=DOT_PREC)
         if COMPUTE_DA:
             da = tl.dot(tl.trans(du), xt, input_precision=DOT_PREC) * inv_keep  # [BLOCK_R, BLOCK_K]
-            tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak, da,
-                          mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
+            tl.atomic_add(
+                da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak,
+                da,
+                mask=r_ok[:, None] & k_ok[None, :],
+                sem="relaxed",
+            )
     if COMPUTE_DX:
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * inv_keep, tl.zeros_like(lora))
         acc += lora
-        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-                 mask=tile_ok)
+        tl.store(
+            dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok
+        )
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _keep_mask_kernel(
     out_ptr,  # [M, K] uint8 (viewed as bool)
-    M, K, seed, p,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M,
+    K,
+    seed,
+    p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -526,12 +698,26 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
     block_r = min(r_pad, 64)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
     _lora_down_kernel[grid](
-        x, lora_A, u,  # [M, K], [r, K], [M, r]
-        M, K, r, m_bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+        x,
+        lora_A,
+        u,  # [M, K], [r, K], [M, r]
+        M,
+        K,
+        r,
+        m_bucket(M),
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        u.stride(0),
+        u.stride(1),
         sc.scaling * sc.inv_keep,
-        sc.seed, sc.dropout_p,
-        HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=block_r,
+        sc.seed,
+        sc.dropout_p,
+        HAS_DROPOUT=sc.has_dropout,
+        DOT_PREC=dot_precision(x.dtype),
+        R_PAD=r_pad,
+        BLOCK_R=block_r,
     )
 
 
@@ -543,11 +729,31 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y) -> None:
     r_pad = padded_rank(r)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     _lora_fwd_main_kernel[grid](
-        x, weight, bias if bias is not None else x, u, lora_B, y,  # [M,K], [N,K], [N], [M,r], [N,r], [M,N]
-        M, N, K, r, m_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=min(r_pad, 32),
+        x,
+        weight,
+        bias if bias is not None else x,
+        u,
+        lora_B,
+        y,  # [M,K], [N,K], [N], [M,r], [N,r], [M,N]
+        M,
+        N,
+        K,
+        r,
+        m_bucket(M),
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        u.stride(0),
+        u.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        y.stride(0),
+        y.stride(1),
+        HAS_BIAS=bias is not None,
+        DOT_PREC=dot_precision(x.dtype),
+        R_PAD=r_pad,
+        BLOCK_R=min(r_pad, 32),
     )
 
 
@@ -559,15 +765,38 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
     _lora_fwd_small_m_kernel[grid](
-        x, weight, bias if bias is not None else x, lora_A, lora_B, y, u,
+        x,
+        weight,
+        bias if bias is not None else x,
+        lora_A,
+        lora_B,
+        y,
+        u,
         # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r]
-        M, N, K, r,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        M,
+        N,
+        K,
+        r,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        y.stride(0),
+        y.stride(1),
+        u.stride(0),
+        u.stride(1),
         sc.scaling * sc.inv_keep,
-        sc.seed, sc.dropout_p,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype),
-        R_PAD=padded_rank(r), BLOCK_M=block_m,
+        sc.seed,
+        sc.dropout_p,
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=sc.has_dropout,
+        DOT_PREC=dot_precision(x.dtype),
+        R_PAD=padded_rank(r),
+        BLOCK_M=block_m,
     )
 
 
@@ -660,12 +889,15 @@ def lora_backward(
     if weight.shape[1] != K:
         raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] with K = {K} (x is {tuple(x.shape)})")
     if tuple(grad_y.shape) != (M, N):
-        raise ValueError(f"grad_y {tuple(grad_y.shape)} must be [M, N] = [{M}, {N}] (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+        raise ValueError(
+            f"grad_y {tuple(grad_y.shape)} must be [M, N] = [{M}, {N}] (x {tuple(x.shape)}, weight {tuple(weight.shape)})"
+        )
     r = _check_lora(x, lora_A, lora_B, K, N)
     if tuple(u.shape) != (M, r):
         raise ValueError(f"u {tuple(u.shape)} must be [M, r] = [{M}, {r}]")
-    check_same_device([("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A),
-                       ("lora_B", lora_B), ("u", u)])
+    check_same_device(
+        [("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("u", u)]
+    )
     check_scalars(scaling, dropout_p, seed)
     sc = LoraScalars(float(scaling), float(dropout_p), int(seed))
     if main_gemm is None:
@@ -689,12 +921,30 @@ def lora_backward(
         block_r = min(r_pad, 64)
         grid1 = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
         _lora_dy_kernel[grid1](
-            grad_y, lora_B, u, du, db if db is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r]
-            M, N, r, m_bucket(M),
-            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
-            du.stride(0), du.stride(1), r, 1,
+            grad_y,
+            lora_B,
+            u,
+            du,
+            db if db is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r]
+            M,
+            N,
+            r,
+            m_bucket(M),
+            grad_y.stride(0),
+            grad_y.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            u.stride(0),
+            u.stride(1),
+            du.stride(0),
+            du.stride(1),
+            r,
+            1,
             sc.scaling,
-            COMPUTE_DB=needs_grad_lora, DOT_PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_R=block_r,
+            COMPUTE_DB=needs_grad_lora,
+            DOT_PREC=dot_precision(x.dtype),
+            R_PAD=r_pad,
+            BLOCK_R=block_r,
         )
         # ---- B2: dX (GEMM or in-place epilogue after cuBLAS), dA
         use_cublas = needs_grad_x and main_gemm == "cublas"
@@ -702,16 +952,44 @@ def lora_backward(
             torch.mm(grad_y, weight, out=dx)
         grid2 = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
         _lora_dx_kernel[grid2](
-            grad_y, weight, du, lora_A, x, dx if dx is not None else scratch, da if da is not None else scratch,
+            grad_y,
+            weight,
+            du,
+            lora_A,
+            x,
+            dx if dx is not None else scratch,
+            da if da is not None else scratch,
             # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
-            M, N, K, r, m_bucket(M),
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), du.stride(0), du.stride(1),
-            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), K, 1, K, 1,
+            M,
+            N,
+            K,
+            r,
+            m_bucket(M),
+            grad_y.stride(0),
+            grad_y.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            du.stride(0),
+            du.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            x.stride(0),
+            x.stride(1),
+            K,
+            1,
+            K,
+            1,
             sc.inv_keep,
-            sc.seed, sc.dropout_p,
-            GEMM=needs_grad_x and not use_cublas, LOAD_ACC=use_cublas, COMPUTE_DX=needs_grad_x,
-            COMPUTE_DA=needs_grad_lora, HAS_DROPOUT=sc.has_dropout, DOT_PREC=dot_precision(x.dtype),
-            R_PAD=r_pad, BLOCK_R=min(r_pad, 32),
+            sc.seed,
+            sc.dropout_p,
+            GEMM=needs_grad_x and not use_cublas,
+            LOAD_ACC=use_cublas,
+            COMPUTE_DX=needs_grad_x,
+            COMPUTE_DA=needs_grad_lora,
+            HAS_DROPOUT=sc.has_dropout,
+            DOT_PREC=dot_precision(x.dtype),
+            R_PAD=r_pad,
+            BLOCK_R=min(r_pad, 32),
         )
     elif needs_grad_x:
         dx.zero_()

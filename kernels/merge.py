@@ -18,11 +18,23 @@ from ._common import check_2d, check_float, check_same_device, interpreting, pad
 
 @triton.jit
 def _lora_merge_kernel(
-    w_ptr, a_ptr, b_ptr,  # W [N, K] (in place), A [r, K], B [N, r]
-    N, K, R,
-    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    w_ptr,
+    a_ptr,
+    b_ptr,  # W [N, K] (in place), A [r, K], B [N, r]
+    N,
+    K,
+    R,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
     coef,  # sign * s
-    R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``W[rn, rk] = round(W[rn, rk] + coef · Σ_j B[rn, j] A[j, rk])``; grid (cdiv(N,BN), cdiv(K,BK))."""
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,8 +45,12 @@ def _lora_merge_kernel(
     for r0 in range(0, R_PAD, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0
+        )
         delta = tl.dot(b.to(tl.float32), a.to(tl.float32), delta, input_precision="ieee")
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
     tile_ok = n_ok[:, None] & k_ok[None, :]
@@ -72,9 +88,21 @@ def lora_merge_(
     bn, bk = (32, 32) if interpreting() else (64, 64)
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     _lora_merge_kernel[grid](
-        weight, lora_A, lora_B,  # [N, K], [r, K], [N, r]
-        N, K, r,
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        weight,
+        lora_A,
+        lora_B,  # [N, K], [r, K], [N, r]
+        N,
+        K,
+        r,
+        weight.stride(0),
+        weight.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
         float(sign) * float(scaling),
-        R_PAD=r_pad, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_K=bk,
+        R_PAD=r_pad,
+        BLOCK_R=block_r,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
     )

@@ -25,10 +25,10 @@ import math  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-
 from kernel_harness import interpreter_bf16_fixes, interpreting  # noqa: E402
-from lorafast import reference as ref  # noqa: E402
 from tolerances import TOLERANCES, assert_close  # noqa: E402
+
+from lorafast import reference as ref  # noqa: E402
 
 if not torch.cuda.is_available() and not interpreting():  # pragma: no cover
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
@@ -39,7 +39,6 @@ if "lorafast.kernels" in sys.modules and not torch.cuda.is_available():
     if not isinstance(sys.modules["lorafast.kernels.lora_linear"]._lora_down_kernel.fn, _interp.InterpretedFunction):
         pytest.skip("lorafast.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-from lorafast import kernels as K  # noqa: E402
 from lorafast.kernels import (  # noqa: E402
     choose_main_gemm,
     dropout_keep_mask,
@@ -47,6 +46,8 @@ from lorafast.kernels import (  # noqa: E402
     lora_forward,
     lora_merge_,
 )
+
+from lorafast import kernels as K  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -102,7 +103,9 @@ def run_case(M, K_, N, r, dtype, bias, p, lora_dtype, path=None, main_gemm=None,
     dx, da, db = lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=main_gemm)
     assert y.dtype == dtype and u.dtype == F32 and dx.dtype == dtype
     assert da.dtype == lora_dtype and db.dtype == lora_dtype
-    assert y.shape == (M, N) and u.shape == (M, r) and dx.shape == (M, K_) and da.shape == (r, K_) and db.shape == (N, r)
+    assert (
+        y.shape == (M, N) and u.shape == (M, r) and dx.shape == (M, K_) and da.shape == (r, K_) and db.shape == (N, r)
+    )
     mask = dropout_keep_mask(seed, M, K_, p, device) if p > 0 else None
     f64 = torch.float64
     # fp64 truth and "plain PyTorch at the same precision" (all tensors in x's dtype)
@@ -110,8 +113,13 @@ def run_case(M, K_, N, r, dtype, bias, p, lora_dtype, path=None, main_gemm=None,
     dx64, da64, db64 = ref.lora_backward(*(_d(t, f64) for t in (dy, x, w, a, bb, u64)), s, p, mask)
     yl, ul = ref.lora_forward(*(_d(t, dtype) for t in (x, w, b, a, bb)), s, p, mask)
     dxl, dal, dbl = ref.lora_backward(*(_d(t, dtype) for t in (dy, x, w, a, bb, ul)), s, p, mask)
-    for name, act, truth, low in [("y", y, y64, yl), ("u", u, u64, ul), ("dx", dx, dx64, dxl),
-                                  ("dA", da, da64, dal), ("dB", db, db64, dbl)]:
+    for name, act, truth, low in [
+        ("y", y, y64, yl),
+        ("u", u, u64, ul),
+        ("dx", dx, dx64, dxl),
+        ("dA", da, da64, dal),
+        ("dB", db, db64, dbl),
+    ]:
         check_rule(name, act, truth, low, dtype)
     if dtype == F32:  # fp32: every output elementwise against the fp32 reference too
         yr, ur = ref.lora_forward(x, w, b, a, bb, s, p, mask)
@@ -143,8 +151,11 @@ def _case_id(c):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("paths", [(None, None), ("triton", "cublas"), ("cublas", "triton")],
-                         ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"])
+@pytest.mark.parametrize(
+    "paths",
+    [(None, None), ("triton", "cublas"), ("cublas", "triton")],
+    ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"],
+)
 def test_forward_backward_match_reference(case, paths):
     run_case(*case, path=paths[0], main_gemm=paths[1])
 
@@ -175,7 +186,7 @@ def test_needs_grad_flags(flags):
     part = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 5, needs_grad_x=flags[0], needs_grad_lora=flags[1])
     assert (part[0] is not None) == flags[0]
     assert (part[1] is not None) == flags[1] and (part[2] is not None) == flags[1]
-    for got, want in zip(part, full):
+    for got, want in zip(part, full, strict=True):
         if got is not None:
             assert_close(got, want, F32)
 
@@ -247,7 +258,9 @@ def test_merge_and_unmerge(dtype, lora_dtype, r):
         if dtype == F32:
             assert_close(weight, expected, F32)
         else:  # same fp32 value rounded once: equal up to one ulp where summation order flips a tie
-            torch.testing.assert_close(weight.float(), expected.float(), atol=0, rtol=2 ** -7 if dtype == BF16 else 2 ** -10)
+            torch.testing.assert_close(
+                weight.float(), expected.float(), atol=0, rtol=2**-7 if dtype == BF16 else 2**-10
+            )
         lora_merge_(weight, a, bb, 1.5, sign=-1.0)
         assert_close(weight, original, dtype)
 
@@ -306,8 +319,11 @@ def test_bf16_harness_fixes_interpreter_dot():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("paths", [(None, None), ("triton", "cublas"), ("cublas", "triton")],
-                         ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"])
+@pytest.mark.parametrize(
+    "paths",
+    [(None, None), ("triton", "cublas"), ("cublas", "triton")],
+    ids=["default", "fwd_triton-bwd_cublas", "fwd_cublas-bwd_triton"],
+)
 def test_gpu_small_odd_shapes(case, paths):
     run_case(*case, path=paths[0], main_gemm=paths[1], device="cuda")
 

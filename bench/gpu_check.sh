@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU check (DESIGN.md §6): the CUDA tests, then the quick kernel benchmark.
+# Installs nothing, never sets TRITON_INTERPRET. Usage: bench/gpu_check.sh [OUT_DIR]
+#   OUT_DIR (default bench/results/) receives gpu_tests.xml (JUnit), gpu_tests.log,
+#   kernel_bench.json and kernel_bench.log.
+set -uo pipefail
+
+OUT="${1:-bench/results}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+unset TRITON_INTERPRET
+PY="${PYTHON:-python}"
+
+# lorafast.kernels is the kernels/ folder mapped by pyproject.toml; when the package is not
+# installed, expose the source tree through a temporary folder of symlinks (installs nothing).
+if ! "$PY" -c "import lorafast.kernels" >/dev/null 2>&1; then
+    SHIM="$(mktemp -d)"
+    mkdir -p "$SHIM/lorafast"
+    for f in "$PWD"/lorafast/*; do ln -s "$f" "$SHIM/lorafast/$(basename "$f")"; done
+    ln -s "$PWD/kernels" "$SHIM/lorafast/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    echo "lorafast not installed: using source tree via $SHIM"
+fi
+
+"$PY" - <<'PY'
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PY
+
+# LORAFAST_AUTOTUNE=0: one default config per kernel, so the tests spend no time autotuning
+LORAFAST_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+"$PY" bench/kernel_bench.py --json "$OUT/kernel_bench.json" 2>&1 | tee "$OUT/kernel_bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu tests rc=$tests_rc, kernel bench rc=$bench_rc; results in $OUT"
+if [ "$tests_rc" -ne 0 ]; then exit "$tests_rc"; fi
+exit "$bench_rc"
