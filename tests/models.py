@@ -9,8 +9,8 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 BERT_PROJECTIONS = ["query", "key", "value", "dense"]
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A 2-layer Llama (hidden 64, 4 heads, 2 kv heads, vocab 128) with seeded random weights."""
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 128) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 64, 4 heads, 2 kv heads, vocab 128 by default) with seeded random weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
@@ -18,7 +18,7 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
+        vocab_size=vocab_size,
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
