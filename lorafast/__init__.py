@@ -8,6 +8,7 @@ Quick start::
     lorafast.merge_and_unload(model)
 """
 
+from lorafast.adapters import load_adapter, save_adapter
 from lorafast.config import LoraConfig
 from lorafast.inject import (
     apply_lora,
@@ -21,6 +22,7 @@ from lorafast.inject import (
 )
 from lorafast.layer import LoraLinear
 from lorafast.ops import get_backend, set_backend
+from lorafast.peft_compat import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
@@ -31,10 +33,14 @@ __all__ = [
     "count_parameters",
     "find_target_modules",
     "get_backend",
+    "load_adapter",
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "patch_peft",
     "print_trainable_parameters",
+    "save_adapter",
     "set_backend",
     "unmerge",
+    "unpatch_peft",
 ]
