@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import lorafast
 from lorafast import reference
@@ -271,6 +271,15 @@ def _frozen_linear(weights: LayerWeights) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
+def missing_package(name: str) -> str | None:
+    """Why ``import name`` fails (``"<name> is not installed"``), or None when it imports."""
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        return f"{name} is not installed ({error})"
+    return None
+
+
 @contextlib.contextmanager
 def using_backend(name: str) -> Iterator[None]:
     """Run the block with ``lorafast.set_backend(name)``, restoring the previous backend after."""
@@ -380,11 +389,7 @@ class PeftProvider(Provider):
     adapts_models = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        try:
-            import peft  # noqa: F401
-        except ImportError as error:
-            return f"peft is not installed ({error})"
-        return None
+        return missing_package("peft")
 
     def _config(self, rank: int, lora_alpha: float, dropout: float, targets: Sequence[str]):
         import peft
@@ -598,6 +603,20 @@ def make_train_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], N
 # --------------------------------------------------------------------------- runner
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, enabled: bool) -> Iterator[object | None]:
+    """A tqdm bar on stderr counting ``total`` runs; None when disabled or tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield None
+        return
+    with tqdm(total=total, desc="lorafast bench", unit="run") as bar:
+        yield bar
+
+
 def _failure_status(provider: Provider, error: Exception) -> str:
     message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
     return f"skipped: torch.compile failed ({message})" if provider.failure_is_skip else f"error: {message}"
@@ -617,7 +636,7 @@ class Runner:
         self.providers = list(providers) if providers is not None else default_providers()
         self.environment = environment(device)
         self.copy_gbps = copy_bandwidth_gbps(device, budget)
-        self.progress: tqdm | None = None
+        self.progress = None  # the tqdm bar while a plan runs
 
     def _row(self, case: LayerCase | TrainStepCase, mode: str, provider: Provider, **metrics) -> BenchRow:
         layer_shape = (case.in_features, case.out_features) if isinstance(case, LayerCase) else (None, None)
@@ -647,22 +666,23 @@ class Runner:
 
     def run(self, plan: Plan, show_progress: bool = True) -> list[BenchRow]:
         rows: list[BenchRow] = []
-        with tqdm(
-            total=self.measurement_count(plan), desc="lorafast bench", unit="run", disable=not show_progress
-        ) as bar:
-            self.progress = bar
+        with progress_bar(self.measurement_count(plan), show_progress) as self.progress:
             try:
                 for sweep in plan.sweeps:
                     for case in sweep.cases:
-                        bar.set_postfix_str(case.label)
+                        self._show(case.label)
                         rows += self.run_layer_case(case, sweep.modes)
                 for case in plan.train_steps:
-                    bar.set_postfix_str(case.label)
+                    self._show(case.label)
                     rows += self.run_train_step(case)
             finally:
                 self.progress = None
         fill_relative_metrics(rows)
         return rows
+
+    def _show(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(label)
 
     def run_layer_case(self, case: LayerCase, modes: Sequence[str]) -> list[BenchRow]:
         """Every provider on every mode of ``case``, grouped by mode (merged inference last: it merges)."""
@@ -735,12 +755,12 @@ class Runner:
 
     def run_train_step(self, case: TrainStepCase) -> list[BenchRow]:
         """One training step of the decoder with each provider's LoRA (same base weights, same LoRA factors)."""
-        base_model = build_decoder(case, self.device, self.dtype)
+        base_model = None if missing_package("transformers") else build_decoder(case, self.device, self.dtype)
         generator = torch.Generator(device=self.device).manual_seed(2)
         input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator, device=self.device)
         rows: list[BenchRow] = []
         for provider in (provider for provider in self.providers if provider.adapts_models):
-            reason = provider.unavailable_reason(self.device)
+            reason = missing_package("transformers") or provider.unavailable_reason(self.device)
             if reason is not None:
                 rows.append(self._row(case, "train-step", provider, status=f"skipped: {reason}"))
                 continue

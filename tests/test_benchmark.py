@@ -1,0 +1,365 @@
+"""The benchmark harness and suite: timing, memory counting, work models, writers, providers, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lorafast import benchmark_suite, cli, reference
+from lorafast.benchmark import (
+    BenchRow,
+    TimingBudget,
+    atomic_output,
+    check_output_path,
+    fill_relative_metrics,
+    format_table,
+    measure_time,
+    saved_activation_bytes,
+    write_csv,
+    write_json,
+)
+from lorafast.benchmark_suite import (
+    BaseLayerProvider,
+    CompiledNaiveProvider,
+    LayerCase,
+    LorafastProvider,
+    NaiveProvider,
+    PeftProvider,
+    Plan,
+    Runner,
+    Sweep,
+    TrainStepCase,
+    bytes_moved,
+    flop_count,
+    make_layer_inputs,
+    make_layer_weights,
+    missing_package,
+    prepare_step,
+)
+from tests.tolerances import assert_close
+
+CPU = torch.device("cpu")
+TINY_BUDGET = TimingBudget(cpu_seconds=0.01, cpu_warmup_calls=1, cpu_min_calls=3, cpu_max_calls=5)
+ENVIRONMENT_FIELDS = (
+    "device",
+    "torch_version",
+    "triton_version",
+    "peft_version",
+    "transformers_version",
+    "lorafast_version",
+    "git_commit",
+)
+
+
+def _row(provider: str, median_ms: float | None, mode: str = "forward", status: str = "ok") -> BenchRow:
+    timing = {} if median_ms is None else dict(median_ms=median_ms, p20_ms=median_ms * 0.9, p80_ms=median_ms * 1.1)
+    return BenchRow(
+        suite="layer", case="8->8", mode=mode, provider=provider, dtype="float32", tokens=4, rank=2, dropout=0.0,
+        status=status, **timing,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- timing and memory
+
+
+def test_measure_time_cpu_percentiles_calls_and_grad_reset():
+    tensor = torch.zeros(2, requires_grad=True)
+    calls = []
+
+    def sleep_two_ms() -> None:
+        assert tensor.grad is None, "the harness must clear .grad before every call"
+        tensor.grad = torch.ones(2)
+        calls.append(1)
+        time.sleep(0.002)
+
+    budget = TimingBudget(cpu_seconds=0.02, cpu_warmup_calls=2, cpu_min_calls=3, cpu_max_calls=6)
+    timing = measure_time(sleep_two_ms, CPU, budget, grads_to_reset=[tensor])
+    assert 2 + 3 <= len(calls) <= 2 + 6
+    assert 2.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+@pytest.mark.parametrize(
+    "budget_kwargs",
+    [dict(cpu_seconds=0.0), dict(cpu_min_calls=2), dict(cpu_min_calls=8, cpu_max_calls=4), dict(cuda_rep_ms=0)],
+)
+def test_timing_budget_rejects_bad_values(budget_kwargs):
+    with pytest.raises(ValueError, match="timing budgets|cpu_min_calls"):
+        TimingBudget(**budget_kwargs)
+
+
+def test_measure_time_rejects_other_devices():
+    with pytest.raises(ValueError, match="'meta'"):
+        measure_time(lambda: None, torch.device("meta"), TINY_BUDGET)
+
+
+def test_saved_activation_bytes_counts_each_storage_once_and_skips_parameters():
+    activation = torch.randn(4, 8, requires_grad=True)  # 128 bytes
+    parameter = nn.Parameter(torch.randn(4, 8))
+
+    def forward() -> torch.Tensor:
+        # mul saves both operands: two views of `activation`, then `activation` and `parameter`
+        return (activation[:2] * activation[2:]).sum() + (activation * parameter).sum()
+
+    assert saved_activation_bytes(forward, [parameter]) == 4 * 8 * 4
+    assert saved_activation_bytes(forward, []) == 2 * 4 * 8 * 4
+
+
+def test_lorafast_saves_x_u_and_seed_only_and_less_than_peft():
+    """DESIGN.md §3 through the harness: lorafast keeps x, u [M, r] fp32 and an int64 seed; PEFT more."""
+    case = LayerCase(64, 48, 32, 4, dropout=0.1)
+    weights, inputs = make_layer_weights(case, CPU, torch.float32), make_layer_inputs(case, CPU, torch.float32)
+
+    def saved(provider) -> int:
+        module = provider.build(weights).train()
+        return saved_activation_bytes(lambda: module(inputs.x), module.parameters())
+
+    lorafast_bytes = saved(LorafastProvider("torch"))
+    assert lorafast_bytes == case.tokens * case.in_features * 4 + case.tokens * case.rank * 4 + 8
+    assert saved(PeftProvider()) > lorafast_bytes
+    assert saved(BaseLayerProvider()) == 0  # W is frozen: nn.Linear needs only W for dX
+
+
+# --------------------------------------------------------------------------- work models
+
+
+def test_flop_count_by_hand():
+    case = LayerCase(in_features=4, out_features=2, tokens=3, rank=1, dropout=0.0)
+    base = 2 * 3 * 4 * 2  # x Wᵀ (forward) or dY W (backward): 48
+    lora_forward = 2 * 3 * 1 * 4 + 2 * 3 * 1 * 2  # x Aᵀ, u Bᵀ: 36
+    lora_backward = 2 * lora_forward  # du, dB, dA, du A: 72
+    assert flop_count(case, "forward") == base + lora_forward
+    assert flop_count(case, "backward") == base + lora_backward
+    assert flop_count(case, "forward+backward") == 2 * base + lora_forward + lora_backward
+    assert flop_count(case, "decode") == flop_count(case, "inference-unmerged") == base + lora_forward
+    assert flop_count(case, "forward", with_lora=False) == base
+
+
+def test_bytes_moved_by_hand():
+    case = LayerCase(in_features=4, out_features=2, tokens=3, rank=1, dropout=0.0)
+    x, w, y, factors, u = 12 * 2, 8 * 2, 6 * 2, (4 + 2) * 4, 3 * 4  # bf16 activations, fp32 LoRA
+    assert bytes_moved(case, "inference-unmerged", 2) == x + w + y + factors
+    assert bytes_moved(case, "forward", 2) == x + w + y + factors + u
+    # backward reads dY, W, x, u, A, B and writes dX, dA, dB
+    assert bytes_moved(case, "backward", 2) == y + w + x + x + u + 2 * factors
+    assert bytes_moved(case, "inference-merged", 2, with_lora=False) == x + w + y
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def _reference_output_and_grads(weights, inputs):
+    """fp64 autograd through the plain formula: (y, dX, dA, dB)."""
+    x = inputs.x.detach().double().requires_grad_(True)
+    lora_A = weights.lora_A.double().requires_grad_(True)
+    lora_B = weights.lora_B.double().requires_grad_(True)
+    y = reference.naive_lora_linear(x, weights.weight.double(), None, lora_A, lora_B, weights.scaling, 0.0)
+    y.backward(inputs.grad_y.double())
+    return y, x.grad, lora_A.grad, lora_B.grad
+
+
+@pytest.mark.parametrize("provider", [NaiveProvider(), PeftProvider(), LorafastProvider("torch")], ids=lambda p: p.name)
+def test_training_providers_compute_the_same_function(provider):
+    case = LayerCase(48, 40, 24, 4, dropout=0.0)
+    weights, inputs = make_layer_weights(case, CPU, torch.float32), make_layer_inputs(case, CPU, torch.float32)
+    expected_y, expected_dx, expected_dA, expected_dB = _reference_output_and_grads(weights, inputs)
+    module = provider.build(weights).train()
+    y = module(inputs.x)
+    y.backward(inputs.grad_y)
+    grad_A, grad_B = (p.grad for p in module.parameters() if p.requires_grad)
+    for actual, expected in [
+        (y, expected_y),
+        (inputs.x.grad, expected_dx),
+        (grad_A, expected_dA),
+        (grad_B, expected_dB),
+    ]:
+        assert_close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["inference-unmerged", "inference-merged"])
+@pytest.mark.parametrize(
+    "provider", [CompiledNaiveProvider(), PeftProvider(), LorafastProvider("torch")], ids=lambda p: p.name
+)
+def test_inference_providers_compute_the_same_function(provider, mode):
+    if not provider.supports(mode):
+        pytest.skip(f"{provider.name} has no {mode} form")
+    case = LayerCase(48, 40, 24, 4, dropout=0.1)  # eval: dropout off
+    weights, inputs = make_layer_weights(case, CPU, torch.float32), make_layer_inputs(case, CPU, torch.float32)
+    expected = _reference_output_and_grads(weights, inputs)[0]
+    with provider.activated():
+        step = prepare_step(provider, provider.build(weights), mode, inputs)
+        assert_close(step.run(), expected, torch.float32)
+
+
+def test_lorafast_triton_is_unavailable_on_cpu_with_a_reason():
+    assert LorafastProvider("triton").unavailable_reason(CPU) == "the Triton backend needs CUDA"
+    assert missing_package("no_such_package_for_lorafast").startswith("no_such_package_for_lorafast is not installed")
+    assert missing_package("torch") is None
+
+
+def test_prepare_step_rejects_unknown_mode():
+    case = LayerCase(8, 8, 4, 2, 0.0)
+    with pytest.raises(ValueError, match="unknown benchmark mode 'sideways'"):
+        prepare_step(
+            NaiveProvider(), NaiveProvider().build(make_layer_weights(case, CPU, torch.float32)), "sideways", None
+        )
+
+
+@pytest.mark.parametrize("field_values", [dict(tokens=0), dict(rank=-1), dict(dropout=1.0)])
+def test_layer_case_rejects_bad_sizes(field_values):
+    with pytest.raises(ValueError, match="LayerCase"):
+        LayerCase(**{**dict(in_features=8, out_features=8, tokens=4, rank=2, dropout=0.0), **field_values})
+
+
+class _BrokenProvider(NaiveProvider):
+    name = "broken"
+
+    def build(self, weights):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+
+def test_runner_reports_failures_as_rows(monkeypatch):
+    """A torch.compile failure is a skip with the reason; any other provider's failure is an error row."""
+
+    class NoCompiler(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(benchmark_suite.torch, "compile", lambda module: NoCompiler())
+    runner = Runner(CPU, torch.float32, TINY_BUDGET, [BaseLayerProvider(), CompiledNaiveProvider(), _BrokenProvider()])
+    rows = runner.run_layer_case(LayerCase(16, 8, 4, 2, 0.0), ("forward", "decode"))
+    status = {(row.provider, row.mode): row.status for row in rows}
+    assert status[("base", "forward")] == status[("base", "decode")] == "ok"
+    assert status[("naive+compile", "forward")] == "skipped: torch.compile failed (RuntimeError: no C++ compiler)"
+    assert status[("naive+compile", "decode")] == status[("naive+compile", "forward")]
+    assert status[("broken", "forward")] == "error: RuntimeError: kernel exploded"
+    assert [row.mode for row in rows] == ["forward"] * 3 + ["decode"] * 3
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def test_fill_relative_metrics():
+    rows = [
+        _row("base", 2.0),
+        _row("peft", 4.0),
+        _row("lorafast[torch]", 2.5),
+        _row("lorafast[triton]", None, status="skipped: x"),
+    ]
+    rows += [_row("base", 1.0, mode="decode"), _row("naive", 3.0, mode="decode")]
+    fill_relative_metrics(rows)
+    by_key = {(row.mode, row.provider): row for row in rows}
+    assert by_key[("forward", "lorafast[torch]")].ratio_to_floor == pytest.approx(1.25)
+    assert by_key[("forward", "lorafast[torch]")].speedup_over_peft == pytest.approx(1.6)
+    assert by_key[("forward", "peft")].speedup_over_peft == pytest.approx(1.0)
+    assert by_key[("forward", "lorafast[triton]")].ratio_to_floor is None
+    assert by_key[("decode", "naive")].ratio_to_floor == pytest.approx(3.0)
+    assert by_key[("decode", "naive")].speedup_over_peft is None  # no PEFT row in that group
+
+
+def test_format_table_shows_groups_values_and_reasons():
+    rows = [_row("base", 2.0), _row("peft", 4.0), _row("lorafast[triton]", None, status="skipped: needs CUDA")]
+    rows.append(_row("peft", 1.0, mode="decode"))
+    fill_relative_metrics(rows)
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["case", "mode", "provider"]
+    assert "2.000 [1.800, 2.200]" in lines[2]
+    assert lines[2].split()[6:8] == ["1.00", "2.00"]  # x floor (the base itself), x PEFT (4 ms / 2 ms)
+    assert lines[4].rstrip().endswith("skipped: needs CUDA")
+    assert set(lines[5]) == {"-"}  # rule between (case, mode) groups
+    assert lines[6].split()[-4:] == ["n/a", "n/a", "n/a", "n/a"]  # % copy BW, tok/s, peak and saved MiB unknown
+
+
+def test_json_and_csv_round_trip(tmp_path):
+    rows = [_row("base", 2.0), _row("peft", None, status="skipped: peft is not installed")]
+    write_json(rows, tmp_path / "rows.json", copy_gbps=12.5)
+    loaded = json.loads((tmp_path / "rows.json").read_text())
+    assert loaded["copy_bandwidth_gbps"] == 12.5
+    assert [BenchRow(**row) for row in loaded["rows"]] == rows
+    write_csv(rows, tmp_path / "rows.csv")
+    with open(tmp_path / "rows.csv", newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert [row["provider"] for row in read] == ["base", "peft"]
+    assert float(read[0]["median_ms"]) == 2.0 and read[1]["median_ms"] == ""
+    assert read[1]["status"] == "skipped: peft is not installed"
+
+
+def test_writes_are_atomic(tmp_path):
+    target = tmp_path / "rows.json"
+    target.write_text("previous result")
+    unserialisable = _row("base", 2.0)
+    unserialisable.device = object()
+    with pytest.raises(TypeError):
+        write_json([unserialisable], target)
+    assert target.read_text() == "previous result"
+    assert [path.name for path in tmp_path.iterdir()] == ["rows.json"]
+    with atomic_output(tmp_path / "new.txt") as handle:
+        handle.write("done")
+    assert (tmp_path / "new.txt").read_text() == "done"
+
+
+def test_check_output_path(tmp_path):
+    assert check_output_path(tmp_path / "a.json", (".json",)) == tmp_path / "a.json"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "a.json")
+    with pytest.raises(ValueError, match=r"ending in one of \.png"):
+        check_output_path(tmp_path / "plot.jpg", (".png", ".svg"))
+    with pytest.raises(ValueError, match="is a directory"):
+        check_output_path(tmp_path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _tiny_plan(device: torch.device) -> Plan:
+    return Plan(
+        sweeps=(
+            Sweep((LayerCase(64, 48, 32, 4, 0.1),), ("forward+backward",)),
+            Sweep((LayerCase(64, 48, 32, 4, 0.0),), ("inference-merged",)),
+            Sweep((LayerCase(64, 48, 1, 4, 0.0),), ("decode",)),
+        ),
+        train_steps=(TrainStepCase(64, 96, 2, 1, layers=1, vocab=128, batch=1, seq=16, rank=4, dropout=0.1),),
+        budget=TINY_BUDGET,
+    )
+
+
+def test_cli_bench_quick_writes_rows_table_and_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lorafast.bench_cli.quick_plan", _tiny_plan)
+    json_path, csv_path, plot_path = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    argv = ["bench", "--quick", "--device", "cpu", "--no-progress", "--json", str(json_path), "--csv", str(csv_path)]
+    assert cli.main([*argv, "--plot", str(plot_path)]) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert all(row[name] for row in rows for name in ENVIRONMENT_FIELDS)
+    status = {(row["mode"], row["provider"]): row["status"] for row in rows}
+    for provider in ("base", "naive", "naive+compile", "peft", "lorafast[torch]"):
+        assert status[("forward+backward", provider)] == "ok"
+    assert status[("forward+backward", "lorafast[triton]")] == "skipped: the Triton backend needs CUDA"
+    assert {provider for mode, provider in status if mode == "inference-merged"} == {
+        "base", "peft", "lorafast[torch]", "lorafast[triton]",
+    }  # fmt: skip
+    ok_layer_rows = [row for row in rows if row["status"] == "ok" and row["suite"] == "layer"]
+    for row in ok_layer_rows:
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["tflops"] > 0 and row["roofline_fraction"] > 0 and row["ratio_to_floor"] > 0
+    train_rows = [row for row in rows if row["mode"] == "train-step" and row["status"] == "ok"]
+    assert {row["provider"] for row in train_rows} == {"peft", "lorafast[torch]"}
+    assert all(row["tokens_per_s"] > 0 and row["saved_activation_bytes"] > 0 for row in train_rows)
+    assert len(list(csv.DictReader(csv_path.open()))) == len(rows)
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert out.startswith("device: CPU") and "skipped: the Triton backend needs CUDA" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cli_bench_cuda_without_gpu_fails_clearly(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_bench_checks_output_paths_before_running(tmp_path, capsys):
+    assert cli.main(["bench", "--device", "cpu", "--plot", str(tmp_path / "plot.jpg")]) == 2
+    assert "ending in one of .png" in capsys.readouterr().err
