@@ -10,6 +10,7 @@ import sys
 import peft
 import pytest
 import torch
+from probes import observed_dropout_masks, saved_activation_bytes
 from tolerances import assert_close
 
 import lorafast
@@ -70,28 +71,6 @@ def test_compile_fullgraph_matches_eager():
         assert_close(got, want)
 
 
-def _mask_revealing_layer(features: int, dropout_p: float) -> lorafast.LoraLinear:
-    """W = 0, A = B = I, s = 1: the output is x̂ = m ⊙ x/(1-p) and dX is m ⊙ dY/(1-p)."""
-    layer = lorafast.LoraLinear(torch.nn.Linear(features, features, bias=False), r=features, lora_alpha=features,
-                                lora_dropout=dropout_p)
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.lora_A.copy_(torch.eye(features))
-        layer.lora_B.copy_(torch.eye(features))
-    return layer.train()
-
-
-def observed_dropout_masks(M: int, K: int, dropout_p: float, device: str = "cpu"):
-    """The keep masks the forward and the backward actually applied, read off the outputs."""
-    layer = _mask_revealing_layer(K, dropout_p).to(device)
-    x = torch.ones(M, K, device=device, requires_grad=True)
-    y = layer(x)
-    y.backward(torch.ones_like(y))
-    forward_mask, backward_mask = y.detach() != 0, x.grad != 0
-    assert_close(y.detach()[forward_mask], torch.full_like(y.detach()[forward_mask], 1 / (1 - dropout_p)))
-    return forward_mask, backward_mask
-
-
 def test_backward_uses_the_forward_dropout_mask_and_keep_rate_is_1_minus_p():
     dropout_p, M, K = 0.1, 2048, 64
     forward_mask, backward_mask = observed_dropout_masks(M, K, dropout_p)
@@ -127,22 +106,6 @@ def test_dropout_matches_a_reference_that_stores_the_mask():
     assert_close(y, y_ref)
     for got, want in [(x.grad, x_ref.grad), (layer.lora_A.grad, A_ref.grad), (layer.lora_B.grad, B_ref.grad)]:
         assert_close(got, want)
-
-
-def saved_activation_bytes(run, parameters) -> int:
-    """Bytes of the distinct storages autograd saves while ``run()`` executes, parameters excluded."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(storages.values())
 
 
 def test_saved_memory_is_x_plus_u_only_and_shared_input_saved_once():
