@@ -1,4 +1,4 @@
-"""Probes that read what a LoRA layer actually did: the dropout masks it applied, the bytes it saved."""
+"""Probe that reads what a LoRA layer actually did: the dropout masks its forward and backward applied."""
 
 from __future__ import annotations
 
@@ -29,19 +29,3 @@ def observed_dropout_masks(M: int, K: int, dropout_p: float, device: str = "cpu"
     forward_mask, backward_mask = y.detach() != 0, x.grad != 0
     assert_close(y.detach()[forward_mask], torch.full_like(y.detach()[forward_mask], 1 / (1 - dropout_p)))
     return forward_mask, backward_mask
-
-
-def saved_activation_bytes(run, parameters) -> int:
-    """Bytes of the distinct storages autograd saves while ``run()`` executes, parameters excluded."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(storages.values())

@@ -10,11 +10,12 @@ import sys
 import peft
 import pytest
 import torch
-from probes import observed_dropout_masks, saved_activation_bytes
+from probes import observed_dropout_masks
 from tolerances import assert_close
 
 import lorafast
 from lorafast import ops, reference
+from lorafast.benchmark import saved_activation_bytes
 
 
 def _operands(M=6, K=5, N=7, r=3, dtype=torch.float64, bias=True):
