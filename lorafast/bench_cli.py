@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -53,6 +54,16 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def warn_if_cpu_busy() -> None:
+    """CPU timings of multi-threaded ops are meaningless while other processes hold the cores: say so."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(
+            f"lorafast bench: warning: the CPU is busy (load average {load:.1f} on {cores} cores); timings will be noisy",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -62,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
         "plot": args.plot and check_output_path(args.plot, PLOT_SUFFIXES),
     }
     plan = quick_plan(device) if args.quick else full_plan()
+    if device.type == "cpu":
+        warn_if_cpu_busy()
+        if not args.quick:
+            print(
+                "lorafast bench: the full matrix at Llama-8B sizes takes hours on a CPU; use --quick", file=sys.stderr
+            )
     rows, copy_gbps = run_plan(plan, device, dtype, show_progress=not args.no_progress)
     first = rows[0]
     print(

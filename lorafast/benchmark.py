@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -176,10 +177,11 @@ def device_name(device: torch.device) -> str:
 
 
 def package_version(name: str) -> str:
+    """The installed distribution's version, else an imported module's ``__version__`` (a source checkout)."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return "not installed"
+        return getattr(sys.modules.get(name), "__version__", "not installed")
 
 
 def git_commit() -> str:
