@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 
+from lorafast.benchmark import reset_grads
 from lorafast.benchmark_suite import (
     INFERENCE_MODES,
     TRAINING_MODES,
@@ -59,11 +60,7 @@ def test_layer(benchmark, provider_name, mode, case):
     benchmark.extra_info.update(case=case.label, mode=mode, provider=provider_name)
     with provider.activated():
         step = prepare_step(provider, provider.build(weights), mode, inputs)
-
-        def clear_grads() -> None:
-            for tensor in step.grads_to_reset:
-                tensor.grad = None
-
+        clear_grads = functools.partial(reset_grads, step.grads_to_reset)
         benchmark.pedantic(step.run, setup=clear_grads, rounds=ROUNDS, warmup_rounds=2)
 
 

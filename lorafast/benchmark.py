@@ -70,7 +70,8 @@ class Timing:
     p80_ms: float
 
 
-def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
+def reset_grads(tensors: Sequence[torch.Tensor]) -> None:
+    """Set ``.grad`` to None (what ``do_bench(grad_to_none=...)`` does between calls)."""
     for tensor in tensors:
         tensor.grad = None
 
@@ -96,14 +97,14 @@ def measure_time(
     if device.type != "cpu":
         raise ValueError(f"the benchmark harness times cpu and cuda devices, got {device.type!r}")
     for _ in range(budget.cpu_warmup_calls):
-        _reset_grads(grads_to_reset)
+        reset_grads(grads_to_reset)
         fn()
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < budget.cpu_min_calls or (
         len(samples) < budget.cpu_max_calls and time.perf_counter() - started < budget.cpu_seconds
     ):
-        _reset_grads(grads_to_reset)
+        reset_grads(grads_to_reset)
         call_start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - call_start) * 1e3)
@@ -120,7 +121,7 @@ def peak_memory_bytes(
     """
     if device.type != "cuda":
         return None
-    _reset_grads(grads_to_reset)
+    reset_grads(grads_to_reset)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     resident = torch.cuda.memory_allocated(device)

@@ -33,6 +33,8 @@ from torch import nn
 import lorafast
 from lorafast import reference
 from lorafast.benchmark import (
+    FLOOR_PROVIDER,
+    PEFT_PROVIDER,
     BenchRow,
     TimingBudget,
     copy_bandwidth_gbps,
@@ -109,6 +111,8 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Plan:
+    """What one ``lorafast bench`` run measures, and how long it times each measurement."""
+
     sweeps: tuple[Sweep, ...]
     train_steps: tuple[TrainStepCase, ...]
     budget: TimingBudget = field(default_factory=TimingBudget)
@@ -342,7 +346,7 @@ class Provider:
 class BaseLayerProvider(Provider):
     """The frozen ``nn.Linear`` alone: what any LoRA layer costs at the least. It is its own merged form."""
 
-    name = "base"
+    name = FLOOR_PROVIDER
     merges = True
 
     def build(self, weights: LayerWeights) -> nn.Module:
@@ -384,7 +388,7 @@ class _PeftWrapper(nn.Module):
 class PeftProvider(Provider):
     """PEFT's ``lora.Linear`` (adapter weights upcast to fp32, PEFT's default ``autocast_adapter_dtype``)."""
 
-    name = "peft"
+    name = PEFT_PROVIDER
     merges = True
     adapts_models = True
 
