@@ -16,7 +16,7 @@ from lorafast.benchmark import (
     write_json,
     write_speedup_plot,
 )
-from lorafast.benchmark_suite import full_plan, quick_plan, run_plan
+from lorafast.benchmark_suite import full_plan, missing_package, quick_plan, run_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         "csv": args.csv and check_output_path(args.csv, (".csv",)),
         "plot": args.plot and check_output_path(args.plot, PLOT_SUFFIXES),
     }
+    if outputs["plot"] and (reason := missing_package("matplotlib")):
+        raise ValueError(f"--plot needs matplotlib: {reason}")
     plan = quick_plan(device) if args.quick else full_plan()
     if device.type == "cpu":
         warn_if_cpu_busy()
