@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from lorafast import ops, reference
-from lorafast.config import LoraConfig
 from lorafast.datasets import load_text_data
 from lorafast.finetune import (
     FinetuneJob,
@@ -111,7 +110,7 @@ def _timed_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return elapsed
 
 
-def step_times(model: nn.Module, batch: dict[str, torch.Tensor], steps: int = TIMED_STEPS) -> tuple[float, float]:
+def step_times(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> tuple[float, float]:
     """Median seconds per training step (forward + backward) of ``model`` and of its naive-LoRA copy.
 
     The two alternate step by step (after one warm-up step each), so a change in machine load
@@ -134,13 +133,10 @@ def measure_step_time_ratio(job: FinetuneJob) -> tuple[float, float]:
     tokenizer = load_tokenizer(job.model_dir)
     data, label_set = load_text_data(job.train_file)
     model = load_model(job.model_dir, job.task, label_set, tokenizer.pad_token_id)
-    config = LoraConfig(
-        r=job.r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, target_modules=job.target_modules
-    )
-    apply_lora(model, config)
+    apply_lora(model, job.lora_config())
     examples = tokenize(tokenizer, data, job.training.max_length)
-    batch = collate(tokenizer, examples.subset(list(range(job.training.batch_size))), job.task)
-    return step_times(model, batch)
+    batch = collate(tokenizer, examples.subset(list(range(min(job.training.batch_size, len(examples))))), job.task)
+    return step_times(model, batch, TIMED_STEPS)
 
 
 def register(subparsers) -> None:

@@ -288,6 +288,16 @@ class FinetuneJob:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.task == "causal-lm" and self.label_column is not None:
             raise ValueError("--label-column is for --task seq-cls; a causal LM trains on the text alone")
+        self.lora_config()  # validates r, alpha, dropout and target_modules before anything is loaded
+
+    def lora_config(self, modules_to_save: list[str] | None = None) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            modules_to_save=modules_to_save,
+        )
 
 
 def finetune(job: FinetuneJob) -> dict[str, Any]:
@@ -303,13 +313,7 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     tokenizer = load_tokenizer(job.model_dir)
     set_seed(job.training.seed)
     model = load_model(job.model_dir, job.task, label_set, tokenizer.pad_token_id)
-    config = LoraConfig(
-        r=job.r,
-        lora_alpha=job.lora_alpha,
-        lora_dropout=job.lora_dropout,
-        target_modules=job.target_modules,
-        modules_to_save=classifier_head_names(model) if classify else None,
-    )
+    config = job.lora_config(modules_to_save=classifier_head_names(model) if classify else None)
     apply_lora(model, config)
     train_examples = tokenize(tokenizer, train_data, job.training.max_length)
     eval_examples = tokenize(tokenizer, eval_data, job.training.max_length)
