@@ -16,6 +16,7 @@ adapter it cannot reproduce exactly, naming the key or field; saving is atomic.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -93,7 +94,7 @@ def load_adapter(
         return model
     trainable_before = {parameter: parameter.requires_grad for parameter in model.parameters()}
     try:
-        apply_lora(model, config, lora_dtype=lora_dtype)
+        apply_lora(model, _without_absent_modules_to_save(config, model), lora_dtype=lora_dtype)
     except ValueError as error:
         raise ValueError(f"adapter {directory} does not fit this model: {error}") from None
     try:
@@ -122,12 +123,25 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             elif config.bias == "all":
                 tensors[name] = bias
     for wanted in config.modules_to_save or []:
-        for module_name, module in model.named_modules():
-            if module_name == wanted or module_name.endswith("." + wanted):
-                tensors.update(
-                    {f"{module_name}.{key}": value for key, value in module.state_dict(keep_vars=True).items()}
-                )
+        for module_name, module in _modules_named(model, wanted):
+            tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict(keep_vars=True).items()})
     return tensors
+
+
+def _modules_named(model: nn.Module, wanted: str) -> list[tuple[str, nn.Module]]:
+    """Modules whose name is ``wanted`` or ends with ``.wanted`` (PEFT's modules_to_save rule)."""
+    return [(name, module) for name, module in model.named_modules() if name == wanted or name.endswith("." + wanted)]
+
+
+def _without_absent_modules_to_save(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """Drop modules_to_save names the model lacks, as PEFT does (its SEQ_CLS default is ["classifier", "score"]).
+
+    Safe: a stored tensor for a dropped name would still fail the key check as an extra key.
+    """
+    if not config.modules_to_save:
+        return config
+    present = [name for name in config.modules_to_save if _modules_named(model, name)]
+    return dataclasses.replace(config, modules_to_save=present or None)
 
 
 def read_adapter_config(directory: Path) -> LoraConfig:

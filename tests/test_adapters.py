@@ -109,6 +109,22 @@ def test_peft_adapter_loads_in_lorafast_with_the_same_output(case, tmp_path):
     assert trainable == {name.replace(".base_layer", "") for name in peft_trainable}
 
 
+def test_peft_sequence_classification_adapter_loads(tmp_path):
+    """PEFT's SEQ_CLS adapters list modules_to_save ["classifier", "score"]; BERT has no "score"."""
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(minilm(num_labels=3), config).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    peft_model.save_pretrained(tmp_path)
+    model = lorafast.load_adapter(minilm(num_labels=3), tmp_path)
+    assert model.lora_config.modules_to_save == ["classifier"] and model.classifier.weight.requires_grad
+    ids = torch.randint(0, 30522, (2, 7))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        assert_close(model(input_ids=ids).logits, expected, torch.float32)
+        assert (expected - minilm(num_labels=3)(input_ids=ids).logits).abs().max() > 1e-2
+
+
 def test_saved_config_and_keys_are_peft_s(tmp_path):
     model = _trained_lorafast_model("llama")
     lorafast.save_adapter(model, tmp_path)

@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
+from kernel_harness import interpreter_bf16_fixes
 from models import LLAMA_PROJECTIONS, minilm, minilm_dir, tiny_llama
 from tolerances import assert_close
 from transformers.pytorch_utils import Conv1D
@@ -76,10 +77,22 @@ def test_unmerge_restores_base_weights_bit_for_bit_peft_does_not(dtype):
         assert peft_error > 0
 
 
-def test_conv1d_unmerge_is_bit_exact():
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def merge_backend(request):
+    """The reference merge, and the Triton ``lora_merge_`` kernel (the interpreter on CPU)."""
+    lorafast.set_backend(request.param)
+    assert lorafast.ops.use_triton(torch.device("cpu")) == (request.param == "triton")
+    with interpreter_bf16_fixes():
+        yield request.param
+    lorafast.set_backend("auto")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("base", [torch.nn.Linear, Conv1D])
+def test_layer_unmerge_is_bit_exact_on_each_merge_backend(base, dtype, merge_backend):
     torch.manual_seed(0)
-    base = Conv1D(96, 64).to(torch.bfloat16)
-    layer = lorafast.LoraLinear(base, r=8, lora_alpha=16, init_lora_weights=False)
+    layer = lorafast.LoraLinear(base(64, 48).to(dtype), r=8, lora_alpha=16)
+    _trained_like(torch.nn.Sequential(layer))
     before = _bits(layer.weight)
     layer.merge()
     assert layer.merge_residual_bytes() > 0

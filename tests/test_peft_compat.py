@@ -16,6 +16,12 @@ import lorafast
 from lorafast import peft_compat
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its inputs from the same RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the calls patched layers make to ``lorafast.ops.lora_linear``."""
