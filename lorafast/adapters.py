@@ -174,19 +174,19 @@ def read_adapter_config(directory: Path) -> LoraConfig:
 def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """The stored tensors under normalised keys (see ``_normalise_key``), on the CPU."""
     path = Path(directory) / WEIGHTS_NAME
-    legacy_path = Path(directory) / LEGACY_WEIGHTS_NAME
+    if not path.is_file():
+        path = Path(directory) / LEGACY_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in adapter directory {directory}")
     try:
-        if path.is_file():
+        if path.name == WEIGHTS_NAME:
             raw = safetensors.torch.load_file(str(path))
-        elif legacy_path.is_file():
-            path = legacy_path
-            raw = torch.load(legacy_path, map_location="cpu", weights_only=True)
         else:
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in adapter directory {directory}")
-    except FileNotFoundError:
-        raise
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors / pickle raise their own types for truncated or corrupt files
         raise ValueError(f"cannot read adapter weights {path} (truncated or corrupt?): {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"adapter weights {path} hold a {type(raw).__name__}, not a dict of tensors")
     return _normalised(raw, path)
 
 

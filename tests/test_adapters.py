@@ -14,7 +14,7 @@ from models import minilm, tiny_llama
 from tolerances import assert_close
 
 import lorafast
-from lorafast.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lorafast.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 
 def _llama_output(model, inputs):
@@ -160,6 +160,18 @@ def test_peft_key_variants_load(tmp_path):
     }
     safetensors.torch.save_file(renamed, tmp_path / WEIGHTS_NAME)
     _assert_same_output_and_not_inert("llama", lorafast.load_adapter(tiny_llama(), tmp_path), model)
+
+
+def test_legacy_pickle_adapter_loads(tmp_path):
+    """PEFT before safetensors wrote adapter_model.bin (a pickled state dict)."""
+    model = _trained_lorafast_model("llama")
+    lorafast.save_adapter(model, tmp_path)
+    torch.save(safetensors.torch.load_file(tmp_path / WEIGHTS_NAME), tmp_path / LEGACY_WEIGHTS_NAME)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    _assert_same_output_and_not_inert("llama", lorafast.load_adapter(tiny_llama(), tmp_path), model)
+    torch.save(torch.zeros(3), tmp_path / LEGACY_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin hold a Tensor, not a dict"):
+        lorafast.load_adapter(tiny_llama(), tmp_path)
 
 
 def test_load_into_an_already_adapted_model(tmp_path):
