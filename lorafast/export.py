@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
         help="fold a LoRA adapter into its base model and save a plain transformers model",
-        description=__doc__.split("\n\n")[0],
+        description="Fold a LoRA adapter (PEFT or lorafast format) into its base model and write a plain "
+        "transformers model (save_pretrained, plus the base's tokenizer files). The output appears complete or not at all.",
     )
     parser.add_argument("--model", required=True, help="base model directory (config.json + weights)")
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT or lorafast format)")
