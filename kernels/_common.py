@@ -1,5 +1,6 @@
-"""Shared pieces of the LoRA kernels: Triton helpers (program swizzle, dropout mask) and
-launcher utilities (input validation, block-size helpers, interpreter detection).
+"""Shared pieces of the LoRA kernels: Triton helpers (program swizzle, dropout mask, fp32-accurate
+low-precision dots) and launcher utilities (input validation, block-size helpers, interpreter
+detection).
 
 Everything here must compile with triton 3.6 (the GPU machine) and run under triton 3.9's
 interpreter (the CPU machines).
@@ -54,6 +55,13 @@ def m_bucket(M: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use true fp32 products ("ieee") to match PyTorch's default fp32 matmul."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def needs_split(x_dtype: torch.dtype, *lora_params: torch.Tensor) -> bool:
+    """SPLIT_LORA: True when the dots run in fp16/bf16 (x's dtype) but a LoRA parameter is not
+    exact in that dtype (fp32 by default, as PEFT): its dots then go through :func:`dot_fp32_rhs`
+    / :func:`dot_fp32_lhs`'s hi/lo split, and so do those on the fp32 u and du."""
+    return x_dtype != torch.float32 and any(t.dtype != x_dtype for t in lora_params)
 
 
 def stride_safe(t: torch.Tensor) -> torch.Tensor:
@@ -129,3 +137,70 @@ def keep_mask(seed, offs_m, offs_k, K, p):
     """
     offs = offs_m[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)
     return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def split_fp32(v, DT: tl.constexpr, AXIS: tl.constexpr):
+    """Split an fp32 tile for dots in the 16-bit dtype DT: ``v ≈ scale · (hi + lo)``.
+
+    ``scale`` is ``max |v|`` along AXIS, the dot's contracted axis (kept as a size-1 dim; 1 where
+    that is 0), so it factors out of the dot; ``hi = (v/scale).to(DT)`` and
+    ``lo = (v/scale - hi).to(DT)``. hi + lo carries 2 x 11 (fp16) or 2 x 8 (bf16) significant
+    bits, and the scaling keeps fp16's small exponent range from flushing small values (LoRA B
+    starts at 0, so B and du are tiny early in training) into subnormals.
+    """
+    amax = tl.max(tl.abs(v), axis=AXIS, keep_dims=True)
+    scale = tl.where(amax > 0, amax, 1.0)
+    w = v / scale
+    hi = w.to(DT)
+    lo = (w - hi.to(tl.float32)).to(DT)
+    return hi, lo, scale
+
+
+@triton.jit
+def dot_fp32_rhs(a, v, acc, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + a @ v`` for ``a`` [M, C] exact in the dot dtype DT = a.dtype and ``v`` [C, N] fp32
+    (or already DT). SPLIT: two dots on :func:`split_fp32`'s hi and lo parts, ~fp32-accurate;
+    else one dot on ``v.to(DT)`` (exact when v is DT, and for DT = fp32 with "ieee")."""
+    if SPLIT:
+        hi, lo, scale = split_fp32(v, a.dtype, 0)
+        part = tl.dot(a, hi, input_precision=DOT_PREC)
+        part = tl.dot(a, lo, part, input_precision=DOT_PREC)
+        out = acc + part * scale
+    else:
+        out = tl.dot(a, v.to(a.dtype), acc, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def dot_fp32_lhs(v, b, acc, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + v @ b`` for ``v`` [M, C] fp32 (or already DT) and ``b`` [C, N] exact in the dot
+    dtype DT = b.dtype: :func:`dot_fp32_rhs` with the fp32 operand on the left."""
+    if SPLIT:
+        hi, lo, scale = split_fp32(v, b.dtype, 1)
+        part = tl.dot(hi, b, input_precision=DOT_PREC)
+        part = tl.dot(lo, b, part, input_precision=DOT_PREC)
+        out = acc + part * scale
+    else:
+        out = tl.dot(v.to(b.dtype), b, acc, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def dot_fp32_both(u, v, acc, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + u @ v`` for ``u`` [M, C] and ``v`` [C, N] both fp32 (or already DT), with dots in DT.
+
+    SPLIT: both split by :func:`split_fp32` (u per row, v per column) and three dots
+    ``hi·hi + hi·lo + lo·hi``; the dropped lo·lo (~2^-22 of |u||v| for fp16, ~2^-18 for bf16) is
+    far below the DT rounding of the y / dX tile this feeds. Else one dot on the DT casts.
+    """
+    if SPLIT:
+        uh, ul, us = split_fp32(u, DT, 1)
+        vh, vl, vs = split_fp32(v, DT, 0)
+        part = tl.dot(uh, vh, input_precision=DOT_PREC)
+        part = tl.dot(uh, vl, part, input_precision=DOT_PREC)
+        part = tl.dot(ul, vh, part, input_precision=DOT_PREC)
+        out = acc + part * us * vs
+    else:
+        out = tl.dot(u.to(DT), v.to(DT), acc, input_precision=DOT_PREC)
+    return out

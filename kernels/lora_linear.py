@@ -15,7 +15,8 @@ dropout ``p``, keep mask ``m`` regenerated from ``(seed, row*K + col)`` with Phi
 Kernels:
 
 * **F1** ``_lora_down_kernel``: ``u = s/(1-p) · (m ⊙ x) Aᵀ``; the mask lives only in registers.
-* **F2** ``_lora_fwd_main_kernel``: GEMM ``x Wᵀ`` with the epilogue ``+ u Bᵀ + bias``; y written once.
+* **F2** ``_lora_fwd_main_kernel``: GEMM ``x Wᵀ`` with the epilogue ``+ u Bᵀ + bias``; y written
+  once. With the cuBLAS main GEMM it runs without the GEMM, as an in-place ``y += u Bᵀ`` epilogue.
 * **small-M** ``_lora_fwd_small_m_kernel`` (M <= 64, decode): ``x Wᵀ`` and ``x̂ Aᵀ`` in the same
   K loop, then ``+ (s·x̂Aᵀ) Bᵀ + bias``; nothing intermediate goes to global memory (u is
   written once by the first column of programs, because backward needs it).
@@ -26,10 +27,42 @@ Kernels:
   ``dA`` (fp32 atomics). With ``needs_grad_x=False`` the same kernel runs without the GEMM
   (dA only); with the cuBLAS main GEMM it runs as an in-place epilogue on ``dY W``.
 
-Every ``tl.dot`` operand is cast to x's dtype (LoRA params may be fp32) with an fp32
-accumulator; fp32 inputs use ``input_precision="ieee"``. Rank r is padded to
-``R_PAD = max(16, next_pow2(r))`` with masked loads (the GPU needs dot dims >= 16) and the
-epilogues loop over it in ``BLOCK_R`` chunks. Row/column offsets are int64.
+Precision. Dots accumulate in fp32 and take their operands in x's dtype DT; fp32 inputs use
+``input_precision="ieee"`` (true fp32 products). With fp16/bf16 x and fp32 LoRA params (the
+default, as PEFT, which computes the whole LoRA branch in fp32) the constexpr ``SPLIT_LORA``
+(:func:`~lorafast.kernels._common.needs_split`) turns on the "split" (bf16x2) trick: every
+fp32 operand v (A, B, u, du) goes in as ``v ≈ scale·(hi + lo)`` with ``hi = (v/scale).to(DT)``,
+``lo = (v/scale - hi).to(DT)`` and ``scale = max|v|`` along the contracted axis (keeps fp16's
+small exponent range from flushing small B / du; a plain split leaves dA with 2e-2 relative
+error at B ~ 1e-6), and the dot becomes two (``a·hi + a·lo``) against the other operand, which
+is exact in DT (x, x̂ = m ⊙ x with 1/(1-p) applied in fp32 after the dot, dY): F1's u and the
+small-M kernel's x̂Aᵀ (split A), B1's du (split B) and dB (split u), B2's dA (split du). The y
+epilogue ``u Bᵀ`` and the dX epilogue ``du A`` have two fp32 operands: both are split and three
+dots (hi·hi + hi·lo + lo·hi) are used. Cost: only the rank-r dots double (triple in the
+epilogues): about 2r/K more tensor-core work in F2 and 3r/N in B2 than their main GEMMs
+(0.8% / 1.2% at r = 16, K = N = 4096); F1 and B1 stay bound by reading x / dY. With LoRA params
+already in DT nothing is split (the reference computes that branch in DT too).
+
+Measured (Triton interpreter, max |error| vs fp64; "torch" = lorafast.reference at the tensors'
+own dtypes, i.e. PEFT's fp32 LoRA branch; M=70 K=72 N=40 r=8 p=0.1, fp32 LoRA params, the
+two-kernel path)::
+
+                 u        y        dX       dA       dB
+    fp16 before  1.5e-3   5.4e-3   6.8e-4   6.6e-3   2.8e-3
+    fp16 after   1.3e-6   3.7e-3   4.7e-4   4.4e-6   2.3e-6
+    fp16 torch   1.6e-6   3.7e-3   4.7e-4   6.4e-6   3.9e-6
+    bf16 before  1.2e-2   3.2e-2   6.9e-3   5.1e-2   2.2e-2
+    bf16 after   1.3e-5   3.1e-2   3.2e-3   6.6e-5   3.3e-5
+    bf16 torch   1.3e-6   3.5e-2   3.2e-3   6.8e-6   2.5e-6
+
+fp16 hi + lo carry 22 significant bits: u, dA, dB match the fp32 reference. bf16 hi + lo carry
+16: about 10x the fp32 error, ~1000x below the single cast's. The epilogues: a single dot on the DT
+casts of u and B (du and A) left y up to 1.5x (fp16) and dX up to 2.2x (bf16) the reference's
+error (y 5.4e-3 vs 3.7e-3, dX 6.9e-3 vs 3.2e-3); the three-dot split brings both to the
+reference's error, so the epilogues split too.
+
+Rank r is padded to ``R_PAD = max(16, next_pow2(r))`` with masked loads (the GPU needs dot
+dims >= 16) and the epilogues loop over it in ``BLOCK_R`` chunks. Row/column offsets are int64.
 
 dB and dA use ``atomic_add`` (relaxed): fast (the targets stay in L2) but the fp32 summation
 order, hence the last bits of dA/dB, can vary from run to run.
@@ -52,11 +85,15 @@ from ._common import (
     check_float,
     check_same_device,
     check_scalars,
+    dot_fp32_both,
+    dot_fp32_lhs,
+    dot_fp32_rhs,
     dot_precision,
     grouped_pid,
     interpreting,
     keep_mask,
     m_bucket,
+    needs_split,
     next_pow2,
     padded_rank,
     stride_safe,
@@ -213,13 +250,13 @@ def _lora_down_kernel(
     p,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
-    DT = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
@@ -237,7 +274,7 @@ def _lora_down_kernel(
             keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
             x = tl.where(keep, x, tl.zeros_like(x))
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = tl.dot(x, a.to(DT), acc, input_precision=DOT_PREC)
+        acc = dot_fp32_rhs(x, a, acc, DOT_PREC, SPLIT_LORA)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     acc = acc * scale
@@ -247,8 +284,9 @@ def _lora_down_kernel(
 
 @triton.autotune(
     configs=_forward_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
     prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})},
+    restore_value=["y_ptr"],
 )
 @triton.jit
 def _lora_fwd_main_kernel(
@@ -274,7 +312,9 @@ def _lora_fwd_main_kernel(
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
+    GEMM: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -282,35 +322,41 @@ def _lora_fwd_main_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """F2: ``y = x Wᵀ + u Bᵀ + bias`` with one write of y; grid (cdiv(M,BM)·cdiv(N,BN),), swizzled."""
+    """F2: ``y = x Wᵀ + u Bᵀ + bias`` with one write of y; grid (cdiv(M,BM)·cdiv(N,BN),), swizzled.
+
+    Without GEMM it is the in-place epilogue of the cuBLAS path: ``y += u Bᵀ`` on the y that
+    torch computed (``x Wᵀ + bias``, already in y's dtype)."""
     DT = x_ptr.dtype.element_ty
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     am = rm % M  # wrapped rows/cols: in-bounds loads without masks, masked at the store
     an = rn % N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    if GEMM:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    else:
+        acc = tl.load(y_ptr + am[:, None] * stride_ym + an[None, :] * stride_yn).to(tl.float32)
     # epilogue: + u Bᵀ over r in BLOCK_R chunks (padded rank columns load as 0)
     for r0 in range(0, R_PAD, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         u = tl.load(u_ptr + am[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=r_ok[None, :], other=0.0)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + an[None, :] * stride_bn, mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(u.to(DT), b.to(DT), acc, input_precision=DOT_PREC)
+        acc = dot_fp32_both(u, b, acc, DT, DOT_PREC, SPLIT_LORA)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + an)
         acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -350,6 +396,7 @@ def _lora_fwd_small_m_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -385,7 +432,7 @@ def _lora_fwd_small_m_kernel(
         if HAS_DROPOUT:
             keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
             x = tl.where(keep, x, tl.zeros_like(x))
-        xa = tl.dot(x, a.to(DT), xa, input_precision=DOT_PREC)
+        xa = dot_fp32_rhs(x, a, xa, DOT_PREC, SPLIT_LORA)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
@@ -394,7 +441,7 @@ def _lora_fwd_small_m_kernel(
     u_rows = tl.where(pid_n == 0, M, 0)  # only the first column of programs writes u
     tl.store(u_ptrs, u, mask=(rm[:, None] < u_rows) & r_ok[None, :])
     b = tl.load(b_ptr + offs_r[:, None] * stride_br + an[None, :] * stride_bn, mask=r_ok[:, None], other=0.0)
-    acc = tl.dot(u.to(DT), b.to(DT), acc, input_precision=DOT_PREC)
+    acc = dot_fp32_both(u, b, acc, DT, DOT_PREC, SPLIT_LORA)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + an)
         acc += bias.to(tl.float32)[None, :]
@@ -432,6 +479,7 @@ def _lora_dy_kernel(
     scaling,
     COMPUTE_DB: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -454,15 +502,17 @@ def _lora_dy_kernel(
     if COMPUTE_DB:
         u = tl.load(
             u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        ).to(DT)
+        )
+        if not SPLIT_LORA:
+            u = u.to(DT)  # the one dot operand, cast once
     du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_ok = offs_n < N - n * BLOCK_N
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # rows masked: dB sums over M
         b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        du = tl.dot(dy, b.to(DT), du, input_precision=DOT_PREC)
+        du = dot_fp32_rhs(dy, b, du, DOT_PREC, SPLIT_LORA)
         if COMPUTE_DB:
-            db = tl.dot(tl.trans(dy), u, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_R]
+            db = dot_fp32_rhs(tl.trans(dy), u, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PREC, SPLIT_LORA)
             tl.atomic_add(db_ptrs, db, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
@@ -516,6 +566,7 @@ def _lora_dx_kernel(
     COMPUTE_DA: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -568,16 +619,17 @@ def _lora_dx_kernel(
             du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
             mask=m_ok[:, None] & r_ok[None, :],
             other=0.0,
-        ).to(DT)
+        )
         if COMPUTE_DX:
             a = tl.load(
                 a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
                 mask=r_ok[:, None] & k_ok[None, :],
                 other=0.0,
             )
-            lora = tl.dot(du, a.to(DT), lora, input_precision=DOT_PREC)
+            lora = dot_fp32_both(du, a, lora, DT, DOT_PREC, SPLIT_LORA)
         if COMPUTE_DA:
-            da = tl.dot(tl.trans(du), xt, input_precision=DOT_PREC) * inv_keep  # [BLOCK_R, BLOCK_K]
+            da = dot_fp32_lhs(tl.trans(du), xt, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), DOT_PREC, SPLIT_LORA)
+            da = da * inv_keep  # [BLOCK_R, BLOCK_K]
             tl.atomic_add(
                 da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak,
                 da,
@@ -615,11 +667,13 @@ def _keep_mask_kernel(
 
 @dataclass(frozen=True)
 class LoraScalars:
-    """The scalars of one LoRA call, grouped: scaling s, dropout p, Philox seed."""
+    """The scalars of one LoRA call, grouped: scaling s, dropout p, Philox seed, and whether the
+    LoRA dots split their fp32 operands (:func:`~lorafast.kernels._common.needs_split`)."""
 
     scaling: float
     dropout_p: float
     seed: int
+    split_lora: bool
 
     @property
     def has_dropout(self) -> bool:
@@ -716,13 +770,14 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
         sc.dropout_p,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
+        SPLIT_LORA=sc.split_lora,
         R_PAD=r_pad,
         BLOCK_R=block_r,
     )
 
 
-def _launch_fwd_main(x, weight, bias, u, lora_B, y) -> None:
-    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias."""
+def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bool = True) -> None:
+    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias; with ``gemm=False``: y += u Bᵀ in place (bias ignored)."""
     M, K = x.shape
     N = weight.shape[0]
     r = lora_B.shape[1]
@@ -750,8 +805,10 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y) -> None:
         lora_B.stride(1),
         y.stride(0),
         y.stride(1),
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=gemm and bias is not None,
+        GEMM=gemm,
         DOT_PREC=dot_precision(x.dtype),
+        SPLIT_LORA=sc.split_lora,
         R_PAD=r_pad,
         BLOCK_R=min(r_pad, 32),
     )
@@ -795,18 +852,21 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
+        SPLIT_LORA=sc.split_lora,
         R_PAD=padded_rank(r),
         BLOCK_M=block_m,
     )
 
 
-def _cublas_fwd_main(x, weight, bias, u, lora_B, y) -> None:
-    """cuBLAS variant of F2: ``y = x Wᵀ (+ bias)`` by torch, then ``y += u Bᵀ`` (addmm_, beta=1)."""
+def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:
+    """cuBLAS variant of F2: ``y = x Wᵀ (+ bias)`` by torch, then ``y += u Bᵀ`` by F2 as an
+    in-place epilogue (its split dots keep the fp32 LoRA term accurate; y is rounded twice, as
+    in the reference)."""
     if bias is not None:
         torch.addmm(bias.to(x.dtype), x, weight.t(), out=y)
     else:
         torch.mm(x, weight.t(), out=y)
-    y.addmm_(u.to(x.dtype), lora_B.t().to(x.dtype))
+    _launch_fwd_main(x, weight, None, u, lora_B, y, sc, gemm=False)
 
 
 def lora_forward(
@@ -827,12 +887,12 @@ def lora_forward(
     ``(seed, row*K + col)``; see :func:`dropout_keep_mask`.
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
-    "triton" (F1 + F2) or "cublas" (F1 + torch GEMM + addmm_ epilogue). Default: "small_m" when
+    "triton" (F1 + F2) or "cublas" (F1 + torch GEMM + F2 as in-place epilogue). Default: "small_m" when
     M <= 64, else :func:`choose_main_gemm`.
     """
     M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
     check_scalars(scaling, dropout_p, seed)
-    sc = LoraScalars(float(scaling), float(dropout_p), int(seed))
+    sc = LoraScalars(float(scaling), float(dropout_p), int(seed), needs_split(x.dtype, lora_A, lora_B))
     if path is None:
         path = "small_m" if M <= SMALL_M_MAX else choose_main_gemm(M, N, K, x.device)
     if path not in ("small_m", "triton", "cublas"):
@@ -847,9 +907,9 @@ def lora_forward(
         return y, u
     _launch_down(x, lora_A, u, sc)
     if path == "cublas":
-        _cublas_fwd_main(x, weight, bias, u, lora_B, y)
+        _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc)
     else:
-        _launch_fwd_main(x, weight, bias, u, lora_B, y)
+        _launch_fwd_main(x, weight, bias, u, lora_B, y, sc)
     return y, u
 
 
@@ -899,7 +959,7 @@ def lora_backward(
         [("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("u", u)]
     )
     check_scalars(scaling, dropout_p, seed)
-    sc = LoraScalars(float(scaling), float(dropout_p), int(seed))
+    sc = LoraScalars(float(scaling), float(dropout_p), int(seed), needs_split(x.dtype, lora_A, lora_B))
     if main_gemm is None:
         main_gemm = choose_main_gemm(M, K, N, x.device)
     if main_gemm not in ("triton", "cublas"):
@@ -943,6 +1003,7 @@ def lora_backward(
             sc.scaling,
             COMPUTE_DB=needs_grad_lora,
             DOT_PREC=dot_precision(x.dtype),
+            SPLIT_LORA=sc.split_lora,
             R_PAD=r_pad,
             BLOCK_R=block_r,
         )
@@ -988,6 +1049,7 @@ def lora_backward(
             COMPUTE_DA=needs_grad_lora,
             HAS_DROPOUT=sc.has_dropout,
             DOT_PREC=dot_precision(x.dtype),
+            SPLIT_LORA=sc.split_lora,
             R_PAD=r_pad,
             BLOCK_R=min(r_pad, 32),
         )

@@ -1,0 +1,109 @@
+"""The "triton" backend end to end: LoraLinear → custom ops → fused kernels.
+
+On the CPU the kernels run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 without CUDA), so shapes stay small; on CUDA the same tests run on the GPU.
+The kernels themselves are tested case by case in test_kernels.py; this file checks the wiring:
+the torch and triton backends agree, the mask survives the op boundary, compile and opcheck work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_harness import interpreter_bf16_fixes
+from probes import observed_dropout_masks
+from tolerances import assert_close, assert_no_less_accurate
+
+import lorafast
+from lorafast import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    lorafast.set_backend("triton")
+    with interpreter_bf16_fixes():
+        yield
+    lorafast.set_backend("auto")
+
+
+def _layer_pair(in_features, out_features, dtype, bias=True):
+    """The same LoRA layer twice (its base and adapter weights shared by value)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(in_features, out_features, bias=bias).to(DEVICE, dtype)
+    layer = lorafast.LoraLinear(base, r=5, lora_alpha=10, init_lora_weights=False).to(DEVICE)
+    twin = lorafast.LoraLinear(
+        torch.nn.Linear(in_features, out_features, bias=bias).to(DEVICE, dtype), r=5, lora_alpha=10
+    )
+    twin.load_state_dict(layer.state_dict())
+    return layer, twin
+
+
+def _forward_backward(layer, x, grad_y, backend):
+    lorafast.set_backend(backend)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad_y)
+    return y, x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("leading_shape", [(7,), (2, 35)], ids=["small-M", "two-kernel"])
+def test_triton_backend_matches_torch_backend(leading_shape, dtype):
+    layer, twin = _layer_pair(24, 40, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(*leading_shape, 24, device=DEVICE, dtype=dtype)
+    grad_y = torch.randn(*leading_shape, 40, device=DEVICE, dtype=dtype)
+    fused = _forward_backward(layer, x, grad_y, "triton")
+    plain = _forward_backward(twin, x, grad_y, "torch")
+    twin.zero_grad()
+    exact = _forward_backward(twin.double(), x.double(), grad_y.double(), "torch")
+    for got, want, exact_value, name in zip(fused, plain, exact, ["y", "dX", "dA", "dB"], strict=True):
+        assert got.dtype == want.dtype, name
+        if dtype == torch.float32:
+            assert_close(got, want, dtype, msg=name)
+        else:  # one rounding of y / dX and split dots, not torch's: the three-way rule (tests/tolerances.py)
+            assert_no_less_accurate(got, want, exact_value, dtype, msg=name)
+
+
+def test_forward_and_backward_masks_agree_through_the_op():
+    dropout_p, M, K = 0.1, 96, 32
+    forward_mask, backward_mask = observed_dropout_masks(M, K, dropout_p, DEVICE)
+    assert torch.equal(forward_mask, backward_mask)
+    keep_rate = forward_mask.float().mean().item()
+    assert abs(keep_rate - (1 - dropout_p)) <= 3 * math.sqrt(dropout_p * (1 - dropout_p) / forward_mask.numel())
+
+
+def test_compile_fullgraph_on_the_triton_backend():
+    layer, _ = _layer_pair(16, 24, torch.float32)
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_opcheck_fused_ops():
+    torch.manual_seed(0)
+    x, weight = torch.randn(9, 16, device=DEVICE), torch.randn(24, 16, device=DEVICE)
+    lora_A = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    lora_B = torch.randn(24, 4, device=DEVICE, requires_grad=True)
+    seed = torch.tensor(5)
+    torch.library.opcheck(ops.lora_forward, (x, weight, None, lora_A, lora_B, 0.5, 0.2, seed, True))
+    _, u = ops.lora_forward(x, weight, None, lora_A, lora_B, 0.5, 0.2, seed, True)
+    grad_y = torch.randn(9, 24, device=DEVICE)
+    args = (grad_y, x, weight, lora_A.detach(), lora_B.detach(), u.detach(), 0.5, 0.2, seed, True)
+    torch.library.opcheck(ops.lora_backward, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_through_the_kernel_matches_reference(dtype):
+    layer, twin = _layer_pair(24, 40, dtype)
+    layer.merge()  # the Triton merge kernel
+    lorafast.set_backend("torch")
+    twin.merge()  # the reference merge
+    assert_close(layer.weight, twin.weight, dtype)
