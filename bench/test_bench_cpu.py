@@ -59,9 +59,12 @@ def test_layer(benchmark, provider_name, mode, case):
     weights, inputs = _inputs(case)
     benchmark.extra_info.update(case=case.label, mode=mode, provider=provider_name)
     with provider.activated():
-        step = prepare_step(provider, provider.build(weights), mode, inputs)
-        clear_grads = functools.partial(reset_grads, step.grads_to_reset)
-        benchmark.pedantic(step.run, setup=clear_grads, rounds=ROUNDS, warmup_rounds=2)
+        module = provider.build(weights)
+    step = prepare_step(provider, module, mode, inputs)
+    with step.context():
+        benchmark.pedantic(
+            step.run, setup=functools.partial(reset_grads, step.grads_to_reset), rounds=ROUNDS, warmup_rounds=2
+        )
 
 
 @pytest.mark.parametrize("provider_name", [name for name, provider in PROVIDERS.items() if provider.adapts_models])

@@ -6,8 +6,9 @@ Every benchmark in the project (``lorafast bench``, ``bench/test_bench_cpu.py``,
 :class:`BenchRow` and the writers here, so numbers from different scripts mean the same thing.
 
 Timing: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events); on the CPU
-a ``time.perf_counter`` loop with warmup and a time budget. Both give the median and the 20th /
-80th percentiles in milliseconds.
+a ``time.perf_counter`` loop with warmup and a time budget, round-robin over the callables being
+compared (:func:`compare_times`). Both give the median and the 20th / 80th percentiles in
+milliseconds.
 
 Files are written atomically: to a temporary file in the target's directory, then
 ``os.replace``, so a crash or a full disk never leaves a half-written result behind.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -42,8 +43,9 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 class TimingBudget:
     """How long to time one callable.
 
-    CPU: ``cpu_warmup_calls`` untimed calls, then timed calls until ``cpu_seconds`` have passed,
-    at least ``cpu_min_calls`` and at most ``cpu_max_calls`` of them.
+    CPU: ``cpu_warmup_calls`` untimed calls, then timed calls until ``cpu_seconds`` have passed
+    (per callable, when several are compared), at least ``cpu_min_calls`` and at most
+    ``cpu_max_calls`` of them.
     CUDA: ``do_bench(warmup=cuda_warmup_ms, rep=cuda_rep_ms)``.
     """
 
@@ -70,6 +72,16 @@ class Timing:
     p80_ms: float
 
 
+@dataclass(frozen=True)
+class Step:
+    """One thing to time: ``run()``, the tensors whose ``.grad`` is cleared before each call, and a
+    context each call runs in (e.g. a lorafast backend), entered and left outside the timing."""
+
+    run: Callable[[], object]
+    grads_to_reset: tuple[torch.Tensor, ...] = ()
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
 def reset_grads(tensors: Sequence[torch.Tensor]) -> None:
     """Set ``.grad`` to None (what ``do_bench(grad_to_none=...)`` does between calls)."""
     for tensor in tensors:
@@ -83,51 +95,73 @@ def measure_time(
     grads_to_reset: Sequence[torch.Tensor] = (),
 ) -> Timing:
     """Time ``fn()``; the ``.grad`` of ``grads_to_reset`` is set to None before each call, outside the timing."""
-    if device.type == "cuda":
-        import triton.testing
+    return compare_times({"step": Step(fn, tuple(grads_to_reset))}, device, budget)["step"]
 
-        median, p20, p80 = triton.testing.do_bench(
-            fn,
-            warmup=budget.cuda_warmup_ms,
-            rep=budget.cuda_rep_ms,
-            grad_to_none=list(grads_to_reset) or None,
-            quantiles=[0.5, 0.2, 0.8],
-        )
-        return Timing(median, p20, p80)
+
+def compare_times(steps: Mapping[str, Step], device: torch.device, budget: TimingBudget) -> dict[str, Timing]:
+    """Time several steps that are to be compared with each other.
+
+    CUDA: each with ``triton.testing.do_bench`` in turn. CPU: round-robin, one call of every step
+    per round (after ``cpu_warmup_calls`` rounds), for ``cpu_seconds`` per step, so a change in
+    the machine's load hits every step alike instead of whichever happened to run then.
+    """
+    if device.type == "cuda":
+        return {name: _do_bench(step, budget) for name, step in steps.items()}
     if device.type != "cpu":
         raise ValueError(f"the benchmark harness times cpu and cuda devices, got {device.type!r}")
     for _ in range(budget.cpu_warmup_calls):
-        reset_grads(grads_to_reset)
-        fn()
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < budget.cpu_min_calls or (
-        len(samples) < budget.cpu_max_calls and time.perf_counter() - started < budget.cpu_seconds
-    ):
-        reset_grads(grads_to_reset)
-        call_start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - call_start) * 1e3)
-    deciles = statistics.quantiles(samples, n=10, method="inclusive")
-    return Timing(median_ms=statistics.median(samples), p20_ms=deciles[1], p80_ms=deciles[7])
+        for step in steps.values():
+            _timed_call(step)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    deadline = time.perf_counter() + budget.cpu_seconds * len(steps)
+    rounds = 0
+    while rounds < budget.cpu_min_calls or (rounds < budget.cpu_max_calls and time.perf_counter() < deadline):
+        for name, step in steps.items():
+            samples[name].append(_timed_call(step))
+        rounds += 1
+    return {name: _summary(times) for name, times in samples.items()}
 
 
-def peak_memory_bytes(
-    fn: Callable[[], object], device: torch.device, grads_to_reset: Sequence[torch.Tensor] = ()
-) -> int | None:
-    """Bytes one ``fn()`` allocates at its peak beyond what was allocated before it (CUDA); None on the CPU.
+def _do_bench(step: Step, budget: TimingBudget) -> Timing:
+    import triton.testing
 
-    The ``.grad`` of ``grads_to_reset`` is set to None first, as :func:`measure_time` does.
-    """
+    with step.context():
+        median, p20, p80 = triton.testing.do_bench(
+            step.run,
+            warmup=budget.cuda_warmup_ms,
+            rep=budget.cuda_rep_ms,
+            grad_to_none=list(step.grads_to_reset) or None,
+            quantiles=[0.5, 0.2, 0.8],
+        )
+    return Timing(median, p20, p80)
+
+
+def _timed_call(step: Step) -> float:
+    """Milliseconds of one ``step.run()`` (grads cleared and context entered before the clock starts)."""
+    reset_grads(step.grads_to_reset)
+    with step.context():
+        started = time.perf_counter()
+        step.run()
+        return (time.perf_counter() - started) * 1e3
+
+
+def _summary(samples_ms: Sequence[float]) -> Timing:
+    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
+    return Timing(median_ms=statistics.median(samples_ms), p20_ms=deciles[1], p80_ms=deciles[7])
+
+
+def peak_memory_bytes(step: Step, device: torch.device) -> int | None:
+    """Bytes one ``step.run()`` allocates at its peak beyond what was allocated before it (CUDA); None on the CPU."""
     if device.type != "cuda":
         return None
-    reset_grads(grads_to_reset)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    resident = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - resident
+    reset_grads(step.grads_to_reset)
+    with step.context():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        step.run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - resident
 
 
 def saved_activation_bytes(forward: Callable[[], object], parameters: Iterable[torch.Tensor]) -> int:

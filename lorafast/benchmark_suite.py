@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -36,12 +37,15 @@ from lorafast.benchmark import (
     FLOOR_PROVIDER,
     PEFT_PROVIDER,
     BenchRow,
+    Step,
+    Timing,
     TimingBudget,
+    compare_times,
     copy_bandwidth_gbps,
     environment,
     fill_relative_metrics,
-    measure_time,
     peak_memory_bytes,
+    reset_grads,
     saved_activation_bytes,
 )
 
@@ -512,14 +516,6 @@ def assign_lora_factors(
 # --------------------------------------------------------------------------- modes
 
 
-@dataclass(frozen=True)
-class Step:
-    """A prepared callable to time, and the tensors whose ``.grad`` is cleared before each call."""
-
-    run: Callable[[], object]
-    grads_to_reset: tuple[torch.Tensor, ...] = ()
-
-
 def _trainable(module: nn.Module, inputs: LayerInputs) -> tuple[torch.Tensor, ...]:
     return (inputs.x, *(parameter for parameter in module.parameters() if parameter.requires_grad))
 
@@ -562,12 +558,15 @@ MODE_STEPS: dict[str, Callable[[nn.Module, LayerInputs], Step]] = {
 
 
 def prepare_step(provider: Provider, module: nn.Module, mode: str, inputs: LayerInputs) -> Step:
-    """Put ``module`` in the state ``mode`` needs (merging it for ``inference-merged``) and return the step."""
+    """Put ``module`` in the state ``mode`` needs (merging it for ``inference-merged``) and return the step,
+    which runs in the provider's context."""
     if mode not in MODE_STEPS:
         raise ValueError(f"unknown benchmark mode {mode!r}; choose from {sorted(MODE_STEPS)}")
-    if mode == "inference-merged":
-        provider.merge(module)
-    return MODE_STEPS[mode](module, inputs)
+    with provider.activated():
+        if mode == "inference-merged":
+            provider.merge(module)
+        step = MODE_STEPS[mode](module, inputs)
+    return dataclasses.replace(step, context=provider.activated)
 
 
 # --------------------------------------------------------------------------- training step
@@ -622,12 +621,29 @@ def progress_bar(total: int, enabled: bool) -> Iterator[object | None]:
 
 
 def _failure_status(provider: Provider, error: Exception) -> str:
-    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    message = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     return f"skipped: torch.compile failed ({message})" if provider.failure_is_skip else f"error: {message}"
 
 
+@dataclass
+class Contender:
+    """A provider taking part in one case: its module (or model), what it saves for backward, and
+    the status that marks it out of the remaining modes (a torch.compile failure)."""
+
+    provider: Provider
+    module: nn.Module
+    saved_bytes: int | None = None
+    failure: str | None = None
+
+
 class Runner:
-    """Runs a :class:`Plan` on one device and dtype, one :class:`BenchRow` per (case, mode, provider)."""
+    """Runs a :class:`Plan` on one device and dtype, one :class:`BenchRow` per (case, mode, provider).
+
+    Within a (case, mode) every provider is first called once (which compiles, and turns any
+    failure into a row instead of a crash), then all are timed together with
+    :func:`~lorafast.benchmark.compare_times`.
+    """
 
     def __init__(
         self,
@@ -688,112 +704,153 @@ class Runner:
         if self.progress is not None:
             self.progress.set_postfix_str(label)
 
+    def _in_provider_order(self, rows: list[BenchRow], modes: Sequence[str]) -> list[BenchRow]:
+        provider_index = {provider.name: index for index, provider in enumerate(self.providers)}
+        return sorted(rows, key=lambda row: (modes.index(row.mode), provider_index[row.provider]))
+
     def run_layer_case(self, case: LayerCase, modes: Sequence[str]) -> list[BenchRow]:
-        """Every provider on every mode of ``case``, grouped by mode (merged inference last: it merges)."""
+        """Every provider on every mode of ``case`` (merged inference last: it merges the weights)."""
         modes = sorted(modes, key=lambda mode: mode == "inference-merged")
         weights = make_layer_weights(case, self.device, self.dtype)
         inputs = make_layer_inputs(case, self.device, self.dtype)
         rows: list[BenchRow] = []
+        contenders: list[Contender] = []
         for provider in self.providers:
             provider_modes = [mode for mode in modes if provider.supports(mode)]
             reason = provider.unavailable_reason(self.device)
             if reason is not None:
                 rows += [self._row(case, mode, provider, status=f"skipped: {reason}") for mode in provider_modes]
                 continue
-            with provider.activated():
-                rows += self._measure_provider(provider, case, weights, inputs, provider_modes)
-        self._release_memory()
-        return sorted(rows, key=lambda row: modes.index(row.mode))
-
-    def _measure_provider(
-        self, provider: Provider, case: LayerCase, weights: LayerWeights, inputs: LayerInputs, modes: Sequence[str]
-    ) -> list[BenchRow]:
-        rows: list[BenchRow] = []
-        module, saved_bytes, failure = None, None, None
-        try:
-            module = provider.build(weights)
-            if any(mode in TRAINING_MODES for mode in modes):
-                saved_bytes = saved_activation_bytes(lambda: module.train()(inputs.x), module.parameters())
-        except Exception as error:  # reported in the rows, the run goes on
-            failure = _failure_status(provider, error)
+            try:
+                contenders.append(
+                    self._build(provider, weights, inputs, training=bool(set(modes) & set(TRAINING_MODES)))
+                )
+            except Exception as error:  # reported in the rows, the run goes on
+                rows += [
+                    self._row(case, mode, provider, status=_failure_status(provider, error)) for mode in provider_modes
+                ]
         for mode in modes:
-            if failure is not None:
-                rows.append(self._row(case, mode, provider, status=failure))
+            rows += self._measure_mode(case, mode, [c for c in contenders if c.provider.supports(mode)], inputs)
+        self._release_memory()
+        return self._in_provider_order(rows, modes)
+
+    def _build(self, provider: Provider, weights: LayerWeights, inputs: LayerInputs, training: bool) -> Contender:
+        with provider.activated():
+            module = provider.build(weights)
+            saved = saved_activation_bytes(lambda: module.train()(inputs.x), module.parameters()) if training else None
+        return Contender(provider, module, saved)
+
+    def _trial_steps(self, contenders: Sequence[Contender], make_step) -> tuple[dict[str, Step], dict[str, str]]:
+        """``make_step(contender)`` for each, called once: the steps that ran, and the failures by provider name."""
+        steps, failures = {}, {}
+        for contender in contenders:
+            name = contender.provider.name
+            if contender.failure is not None:
+                failures[name] = contender.failure
                 continue
             try:
-                rows.append(self._measure_mode(provider, module, case, mode, inputs, saved_bytes))
+                step = make_step(contender)
+                reset_grads(step.grads_to_reset)
+                with step.context():
+                    step.run()
+                steps[name] = step
             except Exception as error:
-                status = _failure_status(provider, error)
-                failure = status if provider.failure_is_skip else None
-                rows.append(self._row(case, mode, provider, status=status))
+                failures[name] = _failure_status(contender.provider, error)
+                if contender.provider.failure_is_skip:
+                    contender.failure = failures[name]
+        return steps, failures
+
+    def _compare(
+        self,
+        case: LayerCase | TrainStepCase,
+        mode: str,
+        contenders: Sequence[Contender],
+        make_step: Callable[[Contender], Step],
+        extra_metrics: Callable[[Contender, Timing], dict],
+    ) -> list[BenchRow]:
+        """Trial-call, then time together, the contenders' steps; one row each (failed ones say why)."""
+        steps, failures = self._trial_steps(contenders, make_step)
+        timings = compare_times(steps, self.device, self.budget)
+        rows = []
+        for contender in contenders:
+            name = contender.provider.name
+            if name in failures:
+                rows.append(self._row(case, mode, contender.provider, status=failures[name]))
+                continue
+            timing = timings[name]
+            rows.append(
+                self._row(
+                    case,
+                    mode,
+                    contender.provider,
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    peak_memory_bytes=peak_memory_bytes(steps[name], self.device),
+                    **extra_metrics(contender, timing),
+                )
+            )
         return rows
 
     def _measure_mode(
-        self,
-        provider: Provider,
-        module: nn.Module,
-        case: LayerCase,
-        mode: str,
-        inputs: LayerInputs,
-        saved_bytes: int | None,
-    ) -> BenchRow:
-        step = prepare_step(provider, module, mode, inputs)
-        timing = measure_time(step.run, self.device, self.budget, step.grads_to_reset)
-        peak = peak_memory_bytes(step.run, self.device, step.grads_to_reset)
-        with_lora = not isinstance(provider, BaseLayerProvider) and mode != "inference-merged"
-        seconds = timing.median_ms * 1e-3
-        gbps = bytes_moved(case, mode, self.dtype.itemsize, with_lora) / seconds / 1e9
-        return self._row(
-            case,
-            mode,
-            provider,
-            median_ms=timing.median_ms,
-            p20_ms=timing.p20_ms,
-            p80_ms=timing.p80_ms,
-            tflops=flop_count(case, mode, with_lora) / seconds / 1e12,
-            gbps=gbps,
-            roofline_fraction=gbps / self.copy_gbps,
-            peak_memory_bytes=peak,
-            saved_activation_bytes=saved_bytes if mode in TRAINING_MODES else None,
+        self, case: LayerCase, mode: str, contenders: Sequence[Contender], inputs: LayerInputs
+    ) -> list[BenchRow]:
+        def work_rates(contender: Contender, timing: Timing) -> dict:
+            with_lora = not isinstance(contender.provider, BaseLayerProvider) and mode != "inference-merged"
+            seconds = timing.median_ms * 1e-3
+            gbps = bytes_moved(case, mode, self.dtype.itemsize, with_lora) / seconds / 1e9
+            return dict(
+                tflops=flop_count(case, mode, with_lora) / seconds / 1e12,
+                gbps=gbps,
+                roofline_fraction=gbps / self.copy_gbps,
+                saved_activation_bytes=contender.saved_bytes if mode in TRAINING_MODES else None,
+            )
+
+        return self._compare(
+            case, mode, contenders, lambda c: prepare_step(c.provider, c.module, mode, inputs), work_rates
         )
 
     def run_train_step(self, case: TrainStepCase) -> list[BenchRow]:
         """One training step of the decoder with each provider's LoRA (same base weights, same LoRA factors)."""
-        base_model = None if missing_package("transformers") else build_decoder(case, self.device, self.dtype)
-        generator = torch.Generator(device=self.device).manual_seed(2)
-        input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator, device=self.device)
-        rows: list[BenchRow] = []
-        for provider in (provider for provider in self.providers if provider.adapts_models):
-            reason = missing_package("transformers") or provider.unavailable_reason(self.device)
-            if reason is not None:
-                rows.append(self._row(case, "train-step", provider, status=f"skipped: {reason}"))
-                continue
-            with provider.activated():
+        providers = [provider for provider in self.providers if provider.adapts_models]
+        reasons = {p.name: missing_package("transformers") or p.unavailable_reason(self.device) for p in providers}
+        rows = [
+            self._row(case, "train-step", p, status=f"skipped: {reasons[p.name]}") for p in providers if reasons[p.name]
+        ]
+        runnable = [provider for provider in providers if not reasons[provider.name]]
+        if runnable:
+            generator = torch.Generator(device=self.device).manual_seed(2)
+            input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator, device=self.device)
+            base_model = build_decoder(case, self.device, self.dtype)
+            contenders = []
+            for provider in runnable:
                 try:
-                    rows.append(self._measure_train_step(provider, base_model, case, input_ids))
+                    contenders.append(self._adapt(provider, base_model, case, input_ids))
                 except Exception as error:
                     rows.append(self._row(case, "train-step", provider, status=_failure_status(provider, error)))
-            self._release_memory()
-        return rows
+            del base_model
+            rows += self._compare(
+                case,
+                "train-step",
+                contenders,
+                lambda c: Step(make_train_step(c.module, input_ids), context=c.provider.activated),
+                lambda c, timing: dict(
+                    tokens_per_s=case.tokens / (timing.median_ms * 1e-3), saved_activation_bytes=c.saved_bytes
+                ),
+            )
+            del contenders
+        self._release_memory()
+        return self._in_provider_order(rows, ["train-step"])
 
-    def _measure_train_step(
+    def _adapt(
         self, provider: Provider, base_model: nn.Module, case: TrainStepCase, input_ids: torch.Tensor
-    ) -> BenchRow:
-        model = provider.adapt_model(copy.deepcopy(base_model), case)
-        step = make_train_step(model, input_ids)
-        saved = saved_activation_bytes(lambda: model(input_ids=input_ids, labels=input_ids).loss, model.parameters())
-        timing = measure_time(step, self.device, self.budget)
-        return self._row(
-            case,
-            "train-step",
-            provider,
-            median_ms=timing.median_ms,
-            p20_ms=timing.p20_ms,
-            p80_ms=timing.p80_ms,
-            tokens_per_s=case.tokens / (timing.median_ms * 1e-3),
-            peak_memory_bytes=peak_memory_bytes(step, self.device),
-            saved_activation_bytes=saved,
-        )
+    ) -> Contender:
+        with provider.activated():
+            model = provider.adapt_model(copy.deepcopy(base_model), case).train()
+            saved = saved_activation_bytes(
+                lambda: model(input_ids=input_ids, labels=input_ids).loss, model.parameters()
+            )
+        return Contender(provider, model, saved)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import time
 
@@ -13,9 +15,11 @@ from torch import nn
 from lorafast import benchmark_suite, cli, reference
 from lorafast.benchmark import (
     BenchRow,
+    Step,
     TimingBudget,
     atomic_output,
     check_output_path,
+    compare_times,
     fill_relative_metrics,
     format_table,
     measure_time,
@@ -81,6 +85,25 @@ def test_measure_time_cpu_percentiles_calls_and_grad_reset():
     timing = measure_time(sleep_two_ms, CPU, budget, grads_to_reset=[tensor])
     assert 2 + 3 <= len(calls) <= 2 + 6
     assert 2.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_compare_times_interleaves_steps_each_in_its_context():
+    calls, contexts = [], []
+
+    @contextlib.contextmanager
+    def tagged(tag: str):
+        contexts.append(tag)
+        yield
+
+    steps = {
+        name: Step(run=functools.partial(calls.append, name), context=functools.partial(tagged, name))
+        for name in ("a", "b")
+    }
+    budget = TimingBudget(cpu_seconds=0.001, cpu_warmup_calls=1, cpu_min_calls=3, cpu_max_calls=4)
+    timings = compare_times(steps, CPU, budget)
+    assert set(timings) == {"a", "b"}
+    assert calls[:6] == ["a", "b"] * 3 and len(calls) in (2 * 4, 2 * 5)  # one warmup round, then 3 or 4
+    assert contexts == calls  # every call ran inside its own step's context
 
 
 @pytest.mark.parametrize(
