@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 from lorafast import benchmark_suite, cli, reference
@@ -45,7 +46,6 @@ from lorafast.benchmark_suite import (
     missing_package,
     prepare_step,
 )
-from tests.tolerances import assert_close
 
 CPU = torch.device("cpu")
 TINY_BUDGET = TimingBudget(cpu_seconds=0.01, cpu_warmup_calls=1, cpu_min_calls=3, cpu_max_calls=5)
