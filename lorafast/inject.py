@@ -153,7 +153,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the original ``nn.Linear`` / ``Conv1D`` modules back; returns the plain model."""
     for name, layer in _require_lora(model):
-        layer.merge()
+        layer.merge(keep_residual=False)
         _set_submodule(model, name, layer.unload())
     if hasattr(model, "lora_config"):
         del model.lora_config

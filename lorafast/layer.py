@@ -149,19 +149,21 @@ class LoraLinear(nn.Module):
         return self.scaling * (self.lora_B.to(torch.float32) @ self.lora_A.to(torch.float32))
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_residual: bool = True) -> None:
         """W ← W + s·B A in place (fp32 accumulation, one rounding). Merging twice is a no-op.
 
-        Also keeps the ``MergeResidual`` that makes the next ``unmerge`` give W back bit for bit.
-        Peak extra memory while merging: two copies of this layer's W.
+        With ``keep_residual`` it also keeps the ``MergeResidual`` that makes the next ``unmerge``
+        give W back bit for bit (peak extra memory while merging: two copies of this layer's W);
+        ``merge_and_unload``, which never unmerges, passes False and costs one delta pass only.
         """
         if self.merged:
             return
-        original = self.weight.detach().clone()
+        original = self.weight.detach().clone() if keep_residual else None
         self._add_delta(self.base_weight, sign=1.0)
-        round_trip = self.weight.detach().clone()
-        self._add_delta(self._out_in(round_trip), sign=-1.0)
-        self._merge_residual = MergeResidual.capture(round_trip, original, self._lora_fingerprint())
+        if keep_residual:
+            round_trip = self.weight.detach().clone()
+            self._add_delta(self._out_in(round_trip), sign=-1.0)
+            self._merge_residual = MergeResidual.capture(round_trip, original, self._lora_fingerprint())
         self.merged = True
 
     @torch.no_grad()
