@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=tuple(DTYPES),
         help="activation and base-weight dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads PyTorch uses (default: its own); 1 gives steady numbers on a busy machine",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -59,7 +64,8 @@ def warn_if_cpu_busy() -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
         print(
-            f"lorafast bench: warning: the CPU is busy (load average {load:.1f} on {cores} cores); timings will be noisy",
+            f"lorafast bench: warning: the CPU is busy (load average {load:.1f} on {cores} cores); timings will be noisy "
+            "(--threads 1 steadies them)",
             file=sys.stderr,
         )
 
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if outputs["plot"] and (reason := missing_package("matplotlib")):
         raise ValueError(f"--plot needs matplotlib: {reason}")
     plan = quick_plan(device) if args.quick else full_plan()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if device.type == "cpu":
         warn_if_cpu_busy()
         if not args.quick:

@@ -354,9 +354,14 @@ def test_cli_bench_quick_writes_rows_table_and_plot(tmp_path, monkeypatch, capsy
     monkeypatch.setattr("lorafast.bench_cli.quick_plan", _tiny_plan)
     json_path, csv_path, plot_path = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
     argv = ["bench", "--quick", "--device", "cpu", "--no-progress", "--json", str(json_path), "--csv", str(csv_path)]
-    assert cli.main([*argv, "--plot", str(plot_path)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main([*argv, "--plot", str(plot_path), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     rows = json.loads(json_path.read_text())["rows"]
     assert all(row[name] for row in rows for name in ENVIRONMENT_FIELDS)
+    assert all(row["device"].endswith("(1 threads)") for row in rows)
     status = {(row["mode"], row["provider"]): row["status"] for row in rows}
     for provider in ("base", "naive", "naive+compile", "peft", "lorafast[torch]"):
         assert status[("forward+backward", provider)] == "ok"
@@ -383,6 +388,8 @@ def test_cli_bench_cuda_without_gpu_fails_clearly(capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_cli_bench_checks_output_paths_before_running(tmp_path, capsys):
+def test_cli_bench_checks_arguments_before_running(tmp_path, capsys):
     assert cli.main(["bench", "--device", "cpu", "--plot", str(tmp_path / "plot.jpg")]) == 2
     assert "ending in one of .png" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
