@@ -64,8 +64,8 @@ def warn_if_cpu_busy() -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
         print(
-            f"lorafast bench: warning: the CPU is busy (load average {load:.1f} on {cores} cores); timings will be noisy "
-            "(--threads 1 steadies them)",
+            f"lorafast bench: warning: the CPU is busy (load average {load:.1f} on {cores} cores); timings will be noisy"
+            + (" (--threads 1 steadies them)" if torch.get_num_threads() > 1 else ""),
             file=sys.stderr,
         )
 
