@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Modules that each register one or more sub-commands, in the order `lorafast --help` lists them.
-COMMAND_MODULES: list[str] = ["lorafast.finetune", "lorafast.demo", "lorafast.export"]
+COMMAND_MODULES: list[str] = ["lorafast.finetune", "lorafast.demo", "lorafast.bench_cli", "lorafast.export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
