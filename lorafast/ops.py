@@ -15,12 +15,14 @@ live anyway. The dropout mask is regenerated in backward from the seed, never st
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from lorafast import reference
 
 BACKENDS = ("auto", "torch", "triton")
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 _backend: str = "auto"
 
 
@@ -80,8 +82,7 @@ def _keep_mask(seed: torch.Tensor, x: torch.Tensor, dropout_p: float) -> torch.T
     return reference.dropout_keep_mask(int(seed), tuple(x.shape), dropout_p, x.device)
 
 
-@torch.library.custom_op("lorafast::lora_forward", mutates_args=())
-def lora_forward(
+def _lora_forward_impl(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K], same dtype as x
     bias: torch.Tensor | None,  # [N]
@@ -97,6 +98,10 @@ def lora_forward(
         return _load_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
     y, u = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _keep_mask(seed, x, dropout_p))
     return y, u.to(torch.float32)
+
+
+# The op, and its implementation kept callable without the dispatcher for the inference fast path.
+lora_forward = torch.library.custom_op("lorafast::lora_forward", mutates_args=())(_lora_forward_impl)
 
 
 @lora_forward.register_fake
@@ -173,18 +178,25 @@ def lora_linear(
             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
         )
     device_type = x.device.type
+    forward = _forward_for((x, weight, bias, lora_A, lora_B))
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
     elif x.dtype != weight.dtype:
         raise ValueError(f"input dtype {x.dtype} does not match the base weight dtype {weight.dtype}")
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else _NO_SEED
+    inputs = (x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
     with torch.autocast(device_type, enabled=False):
-        y, _ = lora_forward(
-            x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device)
-        )
+        y, _ = forward(*inputs)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _forward_for(tensors: tuple[torch.Tensor | None, ...]) -> Callable:
+    """The registered op when autograd or ``torch.compile`` needs it; otherwise (inference, decode)
+    its implementation called directly, which skips the dispatcher's per-call overhead."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return lora_forward if needs_grad or torch.compiler.is_compiling() else _lora_forward_impl
 
 
 set_backend(os.environ.get("LORAFAST_BACKEND", "auto"))

@@ -28,19 +28,24 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     """Boolean keep mask ``m`` ``[M, K]`` drawn from a generator seeded with ``seed``.
 
     The same (seed, shape, p, device) always gives the same mask, so backward regenerates
-    the forward's mask instead of storing it.
+    the forward's mask instead of storing it. Each element is one uniform 32-bit lane of a
+    64-bit draw, kept iff the lane (as int32) is at least ``-2^31 + round(p·2^32)``: p is exact
+    to 2^-32, and it costs half the generator calls of ``torch.rand(shape) >= p`` (measured
+    on the CPU: about 2x faster at 512x1024, which is what regenerating in backward pays).
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    numel = shape[0] * shape[1]
+    draws = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device)
+    draws.random_(-(2**63), 2**63 - 1, generator=generator)
+    lanes = draws.view(torch.int32)[:numel].view(shape)
+    return lanes >= -(2**31) + round(dropout_p * 2**32)
 
 
-def _dropped_input(x: torch.Tensor, keep_mask: torch.Tensor | None, dropout_p: float, dtype: torch.dtype) -> torch.Tensor:
-    """x̂ = m ⊙ x / (1 - p) in ``dtype`` (a temporary, never saved)."""
-    x_hat = x.to(dtype)
-    if dropout_p > 0.0:
-        x_hat = x_hat * keep_mask / (1.0 - dropout_p)
-    return x_hat
+def _masked_input(x: torch.Tensor, keep_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``m ⊙ x`` in ``dtype`` (one pass; the 1/(1-p) factor is folded into the [M, r] side)."""
+    x = x.to(dtype)
+    return x if keep_mask is None else x * keep_mask
 
 
 def lora_forward(
@@ -53,11 +58,14 @@ def lora_forward(
     dropout_p: float,
     keep_mask: torch.Tensor | None,  # [M, K] bool, required when dropout_p > 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y [M, N] in x.dtype, u [M, r] in lora_A.dtype)``."""
-    u = scaling * (_dropped_input(x, keep_mask, dropout_p, lora_A.dtype) @ lora_A.t())
-    y = torch.nn.functional.linear(x, weight, bias)
-    y = (y.to(u.dtype) + u @ lora_B.t().to(u.dtype)).to(x.dtype)
-    return y, u
+    """Return ``(y [M, N] in x.dtype, u [M, r] in lora_A.dtype)``.
+
+    ``u = s/(1-p) · (m ⊙ x) Aᵀ``; ``y = (x Wᵀ + bias)`` in x's dtype, then ``+ u Bᵀ`` accumulated
+    in the LoRA dtype (in place, by ``addmm_``) and rounded once to x's dtype.
+    """
+    u = (_masked_input(x, keep_mask, lora_A.dtype) @ lora_A.t()).mul_(scaling / (1.0 - dropout_p))
+    y = torch.nn.functional.linear(x, weight, bias).to(u.dtype).addmm_(u, lora_B.t().to(u.dtype))
+    return y.to(x.dtype), u
 
 
 def lora_backward(
@@ -71,17 +79,24 @@ def lora_backward(
     dropout_p: float,
     keep_mask: torch.Tensor | None,  # [M, K] bool, required when dropout_p > 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(dX [M, K] in x.dtype, dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype)``."""
+    """Return ``(dX [M, K] in x.dtype, dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype)``.
+
+    With ``du' = du/(1-p)``: ``dA = du'ᵀ (m ⊙ x)`` and ``dX = dY W + m ⊙ (du' A)``, the frozen
+    product accumulated into the LoRA term in place when x has the LoRA dtype.
+    """
     lora_dtype = lora_A.dtype
     grad_y_lora = grad_y.to(lora_dtype)
-    grad_u = scaling * (grad_y_lora @ lora_B.to(lora_dtype))
     grad_B = (grad_y_lora.t() @ u.to(lora_dtype)).to(lora_B.dtype)
-    grad_A = grad_u.t() @ _dropped_input(x, keep_mask, dropout_p, lora_dtype)
-    grad_x_lora = grad_u @ lora_A
-    if dropout_p > 0.0:
-        grad_x_lora = grad_x_lora * keep_mask / (1.0 - dropout_p)
-    grad_x = ((grad_y @ weight).to(lora_dtype) + grad_x_lora).to(x.dtype)
-    return grad_x, grad_A, grad_B
+    grad_u = (grad_y_lora @ lora_B.to(lora_dtype)).mul_(scaling / (1.0 - dropout_p))  # du' [M, r]
+    grad_A = grad_u.t() @ _masked_input(x, keep_mask, lora_dtype)
+    grad_x = grad_u @ lora_A
+    if keep_mask is not None:
+        grad_x.mul_(keep_mask)
+    if x.dtype == lora_dtype:
+        grad_x.addmm_(grad_y, weight)
+    else:
+        grad_x = (grad_y @ weight).to(lora_dtype).add_(grad_x)
+    return grad_x.to(x.dtype), grad_A, grad_B
 
 
 def naive_lora_linear(
