@@ -20,6 +20,7 @@ import lorafast
 from lorafast import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.triton_backend
 
 
 @pytest.fixture(autouse=True)
