@@ -207,13 +207,18 @@ _small_m_dims_prune = _prune_factory({"BLOCK_N": "N", "BLOCK_K": "K"})
 
 def _small_m_prune(configs, named_args, **kwargs):
     """Tile pruning plus an SMEM bound: the pipelined x, W and Aᵀ tiles (``R_PAD`` up to 256)
-    must fit (estimate: stages · (BM·BK + BK·BN + BK·R_PAD) · 2 bytes <= 160 KiB)."""
+    must fit. Estimate: ``stages · ((BM·BK + BK·BN)·sizeof(x) + BK·R_PAD·sizeof(A)) <= 160 KiB``
+    (headroom below sm_90's 227 KiB). The element sizes matter: with 2 bytes for everything the
+    bound let through an fp32 config that needs 249 KiB and, with fp32 A (split dots, whose hi/lo
+    parts are staged too), an R_PAD 256 one that needs 231 KiB (bench/compile_check.py, sm_90)."""
     kept = _small_m_dims_prune(configs, named_args, **kwargs)
     bm, r_pad = int(kwargs.get("BLOCK_M", 16)), int(kwargs.get("R_PAD", 16))
+    x_bytes = named_args["x_ptr"].element_size() if "x_ptr" in named_args else 4
+    a_bytes = named_args["a_ptr"].element_size() if "a_ptr" in named_args else 4
 
     def smem(c):
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return max(c.num_stages, 1) * (bm * bk + bk * bn + bk * r_pad) * 2
+        return max(c.num_stages, 1) * ((bm * bk + bk * bn) * x_bytes + bk * r_pad * a_bytes)
 
     fitting = [c for c in kept if smem(c) <= 160 * 1024]
     if fitting:
@@ -606,11 +611,15 @@ def _lora_dx_kernel(
             prev = tl.load(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, mask=tile_ok, other=0.0)
             acc += prev.to(tl.float32)
     if HAS_DROPOUT:
-        keep = keep_mask(seed, rm, rk, K, p)
+        # As 0/1 floats, not an i1 mask: the mask feeds the x tile (a dot operand, dA) and the dX
+        # tile, and a layout conversion of a shared i1 mask goes through shared memory, which
+        # rejects 1-bit elements on sm_90 ("shared-memory element type bit width must be a
+        # multiple of 8", found by bench/compile_check.py; an int8 copy is folded back to i1).
+        keep = tl.where(keep_mask(seed, rm, rk, K, p), 1.0, 0.0)
     if COMPUTE_DA:
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(keep, xt, tl.zeros_like(xt))
+            xt = (xt.to(tl.float32) * keep).to(xt.dtype)  # exact: keep is 0 or 1
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R_PAD, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -638,7 +647,7 @@ def _lora_dx_kernel(
             )
     if COMPUTE_DX:
         if HAS_DROPOUT:
-            lora = tl.where(keep, lora * inv_keep, tl.zeros_like(lora))
+            lora = lora * (keep * inv_keep)
         acc += lora
         tl.store(
             dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok
