@@ -16,11 +16,13 @@ compiled (a process pool, ``--jobs``).
 Run WITHOUT ``TRITON_INTERPRET`` (the config lists are chosen at import: one config under the
 interpreter, all of them otherwise; ``LORAFAST_AUTOTUNE=0`` keeps only the default)::
 
-    python bench/compile_check.py [--quick] [--json OUT] [--jobs N]
+    python bench/compile_check.py [--subset full|quick|ci] [--json OUT] [--jobs N]
 
-``--quick`` is the CI subset (tests/test_kernels_compile.py): every kernel's default config on
-every dtype path, the largest-SMEM config of every kernel, R_PAD 16 and 256, split and unsplit
-LoRA dots. Exit status: 0 if everything compiled and fits, 1 otherwise, 2 if this triton cannot
+``full`` (default, ~1000 compiles, hours on 2 cores): see :func:`scenarios`. ``quick`` (54
+compiles): every kernel's default config on fp32, bf16, fp16 + fp32 LoRA and bf16 + fp32 LoRA,
+and every config of the heaviest 16-bit case (split dots, R_PAD 256). ``ci`` (9 compiles,
+tests/test_kernels_compile.py): the default config of every kernel on the split path, the
+small-M kernel at R_PAD 256 and the B2 dropout variant that once failed to compile. Exit status: 0 if everything compiled and fits, 1 otherwise, 2 if this triton cannot
 target CUDA (no NVIDIA backend or no ptxas).
 
 Caveat: shared memory and registers are what triton 3.9 (this machine) allocates; the GPU runs
@@ -105,11 +107,21 @@ class CompileResult:
 # ----------------------------------------------------------------------------- scenarios
 
 
-def scenarios(quick: bool) -> list[Scenario]:
+SUBSETS = ("full", "quick", "ci")
+
+
+def scenarios(subset: str) -> list[Scenario]:
     """The launcher calls to record. Full: every dtype path x R_PAD {16, 64, 256} with all features
     on, and every feature-off / grad / main-GEMM variant at R_PAD 16, all with every config.
-    Quick: :data:`QUICK_CASES`."""
-    if quick:
+    Quick: :data:`QUICK_CASES`. CI: see the module docstring."""
+    if subset == "ci":
+        return [
+            *_all_features(_BF16, _F32, 16, all_configs=False)[1:],
+            Scenario("forward", _BF16, _F32, 64, 4096, 4096, 256, path="small_m", all_configs=False),
+            Scenario("backward", _BF16, _BF16, 4096, 4096, 4096, 16, path="triton", all_configs=False),
+            Scenario("keep_mask", _F32, _F32, 4096, 0, 4096, 0),
+        ]
+    if subset == "quick":
         last = len(QUICK_CASES) - 1
         return [
             sc for i, (xd, ld, r) in enumerate(QUICK_CASES) for sc in _all_features(xd, ld, r, all_configs=i == last)
@@ -280,11 +292,11 @@ def _label(jit_fn, constexprs: dict, signature: dict) -> str:
     return f"{x_ty[1:]} " + " ".join(flags)
 
 
-def collect_jobs(quick: bool) -> list[CompileJob]:
+def collect_jobs(subset: str) -> list[CompileJob]:
     """Record every scenario's launches and expand them into deduplicated compile jobs."""
     launches: list = []
     with recording(launches):
-        for sc in scenarios(quick):
+        for sc in scenarios(subset):
             first = len(launches)
             run_scenario(sc)
             launches[first:] = [(launch, sc.all_configs) for launch in launches[first:]]
@@ -411,7 +423,7 @@ def summary(results: list[CompileResult]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the CI subset (see module docstring)")
+    parser.add_argument("--subset", choices=SUBSETS, default="full", help="which launches (see module docstring)")
     parser.add_argument("--json", metavar="OUT", help="write every result as JSON to OUT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     args = parser.parse_args(argv)
@@ -424,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot compile for CUDA: {reason}", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.6's default, silences 3.9's warning
-    jobs = collect_jobs(args.quick)
+    jobs = collect_jobs(args.subset)
     print(f"compiling {len(jobs)} kernel specializations for sm_{TARGET_ARCH} with {args.jobs} processes ...")
     start = time.perf_counter()
     results = compile_all(jobs, args.jobs)
