@@ -375,7 +375,9 @@ def write_outputs(
         }
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if importlib.util.find_spec("matplotlib") is not None:
-            plot_loss_curve(log.losses, staging / "loss_curve.png", f"lorafast {task} on {Path(metrics['model']).name}")
+            plot_loss_curve(
+                log.losses, staging / "loss_curve.png", f"lorafast {task}: {Path(metrics['train_file']).name}"
+            )
         else:
             print("matplotlib is not installed: no loss_curve.png (the per-step losses are in metrics.json)")
 
