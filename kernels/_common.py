@@ -128,15 +128,23 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def keep_mask(seed, offs_m, offs_k, K, p):
-    """Dropout keep mask ``m`` for rows ``offs_m`` (int64) and columns ``offs_k`` of an [M, K] input.
+def keep_mask(seed, offs_m, offs_k, p):
+    """Dropout keep mask ``m`` for rows ``offs_m`` and columns ``offs_k`` of an [M, K] input.
 
-    Element (row, col) keeps iff ``tl.rand(seed, row * K + col) >= p`` (Philox on the int64 element
-    offset), so every kernel that regenerates it (F1, small-M forward, B2 backward, the mask
-    kernel) draws bit-identical masks, whatever its tiling.
+    Element (row, col) keeps iff ``uniform(Philox(seed; counter = (col, row, 0, 0))) >= p`` (the
+    first of Philox's four 32-bit words, mapped to [0, 1) as ``tl.rand`` does), so every kernel
+    that regenerates it (F1, small-M forward, B2 backward, the mask kernel) draws bit-identical
+    masks, whatever its tiling. The counter holds row and column as two 32-bit words instead of
+    the int64 element offset ``row * K + col`` (``tl.rand``'s counter): the same uniqueness
+    (rows, columns < 2**32), but Philox's first round then runs on the [BM, 1] / [1, BK] vectors
+    and no [BM, BK] int64 offset tile exists. That cut B2's registers (bf16, 128x128 tile,
+    dropout on) from 255 + 232 B spilled to 204 (bench/compile_check.py, sm_90).
     """
-    offs = offs_m[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)
-    return tl.rand(seed, offs) >= p
+    col = offs_k.to(tl.uint32)[None, :]
+    row = offs_m.to(tl.uint32)[:, None]
+    zero = tl.zeros_like(col)
+    word, _, _, _ = tl.philox(seed, col, row, zero, zero)
+    return tl.random.uint_to_uniform_float(word) >= p
 
 
 @triton.jit

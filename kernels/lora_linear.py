@@ -1,7 +1,7 @@
 """Fused LoRA linear: Triton kernels and their launchers (DESIGN.md §1–§2).
 
 Math (x ``[M, K]``, frozen W ``[N, K]``, bias ``[N]``, A ``[r, K]``, B ``[N, r]``, scaling ``s``,
-dropout ``p``, keep mask ``m`` regenerated from ``(seed, row*K + col)`` with Philox)::
+dropout ``p``, keep mask ``m`` regenerated from ``(seed, row, col)`` with Philox)::
 
     x̂  = m ⊙ x / (1-p)
     u  = s · x̂ Aᵀ                       [M, r]  fp32
@@ -276,7 +276,7 @@ def _lora_down_kernel(
         k_ok = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
+            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, p)
             x = tl.where(keep, x, tl.zeros_like(x))
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot_fp32_rhs(x, a, acc, DOT_PREC, SPLIT_LORA)
@@ -338,21 +338,10 @@ def _lora_fwd_main_kernel(
     am = rm % M  # wrapped rows/cols: in-bounds loads without masks, masked at the store
     an = rn % N
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    if GEMM:
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-    else:
-        acc = tl.load(y_ptr + am[:, None] * stride_ym + an[None, :] * stride_yn).to(tl.float32)
-    # epilogue: + u Bᵀ over r in BLOCK_R chunks (padded rank columns load as 0)
+    # the epilogue first: acc starts as u Bᵀ (+ bias), over r in BLOCK_R chunks (padded rank
+    # columns load as 0), and the GEMM accumulates onto it: no u / B chunk or second tile is
+    # live in the main loop
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R_PAD, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
@@ -362,6 +351,19 @@ def _lora_fwd_main_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + an)
         acc += bias.to(tl.float32)[None, :]
+    if GEMM:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    else:
+        acc += tl.load(y_ptr + am[:, None] * stride_ym + an[None, :] * stride_yn).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -435,7 +437,7 @@ def _lora_fwd_small_m_kernel(
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, K, p)
+            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, p)
             x = tl.where(keep, x, tl.zeros_like(x))
         xa = dot_fp32_rhs(x, a, xa, DOT_PREC, SPLIT_LORA)
         x_ptrs += BLOCK_K * stride_xk
@@ -592,8 +594,51 @@ def _lora_dx_kernel(
     m_ok = rm < M
     k_ok = rk < K
     tile_ok = m_ok[:, None] & k_ok[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        # As 0/1 floats, not an i1 mask: the mask feeds the x tile (a dot operand, dA) and the dX
+        # tile, and a layout conversion of a shared i1 mask goes through shared memory, which
+        # rejects 1-bit elements on sm_90 ("shared-memory element type bit width must be a
+        # multiple of 8", found by bench/compile_check.py; an int8 copy is folded back to i1).
+        keep = tl.where(keep_mask(seed, rm, rk, p), 1.0, 0.0).to(DT)
+    if COMPUTE_DA:
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
+        if HAS_DROPOUT:
+            xt = (xt.to(tl.float32) * keep.to(tl.float32)).to(xt.dtype)  # exact: keep is 0 or 1
+        for r0 in range(0, R_PAD, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            du = tl.load(
+                du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
+                mask=m_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            da = dot_fp32_lhs(tl.trans(du), xt, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), DOT_PREC, SPLIT_LORA)
+            tl.atomic_add(
+                da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak,
+                da * inv_keep,  # [BLOCK_R, BLOCK_K]
+                mask=r_ok[:, None] & k_ok[None, :],
+                sem="relaxed",
+            )
     if COMPUTE_DX:
+        # seed the accumulator with the LoRA term, then run the GEMM on it: no second tile
+        # accumulator, x tile, mask or du / A chunk is live in the main loop
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R_PAD, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            du = tl.load(
+                du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
+                mask=m_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
+                mask=r_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc = dot_fp32_both(du, a, acc, DT, DOT_PREC, SPLIT_LORA)
+        if HAS_DROPOUT:
+            acc = acc * (keep.to(tl.float32) * inv_keep)
         if GEMM:
             am = rm % M
             ak = rk % K
@@ -610,45 +655,6 @@ def _lora_dx_kernel(
         if LOAD_ACC:
             prev = tl.load(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, mask=tile_ok, other=0.0)
             acc += prev.to(tl.float32)
-    if HAS_DROPOUT:
-        # As 0/1 floats, not an i1 mask: the mask feeds the x tile (a dot operand, dA) and the dX
-        # tile, and a layout conversion of a shared i1 mask goes through shared memory, which
-        # rejects 1-bit elements on sm_90 ("shared-memory element type bit width must be a
-        # multiple of 8", found by bench/compile_check.py; an int8 copy is folded back to i1).
-        keep = tl.where(keep_mask(seed, rm, rk, K, p), 1.0, 0.0)
-    if COMPUTE_DA:
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
-        if HAS_DROPOUT:
-            xt = (xt.to(tl.float32) * keep).to(xt.dtype)  # exact: keep is 0 or 1
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R_PAD, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        du = tl.load(
-            du_ptr + rm[:, None] * stride_dum + offs_r[None, :] * stride_dur,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        if COMPUTE_DX:
-            a = tl.load(
-                a_ptr + offs_r[:, None] * stride_ar + rk[None, :] * stride_ak,
-                mask=r_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            lora = dot_fp32_both(du, a, lora, DT, DOT_PREC, SPLIT_LORA)
-        if COMPUTE_DA:
-            da = dot_fp32_lhs(tl.trans(du), xt, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), DOT_PREC, SPLIT_LORA)
-            da = da * inv_keep  # [BLOCK_R, BLOCK_K]
-            tl.atomic_add(
-                da_ptr + offs_r[:, None] * stride_dar + rk[None, :] * stride_dak,
-                da,
-                mask=r_ok[:, None] & k_ok[None, :],
-                sem="relaxed",
-            )
-    if COMPUTE_DX:
-        if HAS_DROPOUT:
-            lora = lora * (keep * inv_keep)
-        acc += lora
         tl.store(
             dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok
         )
@@ -667,7 +673,7 @@ def _keep_mask_kernel(
     """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = keep_mask(seed, rm, rk, K, p)
+    keep = keep_mask(seed, rm, rk, p)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.uint8), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
@@ -893,7 +899,7 @@ def lora_forward(
     """Fused LoRA forward: returns ``(y [M, N] in x.dtype, u [M, r] fp32)``.
 
     ``u = s · (m ⊙ x / (1-p)) Aᵀ`` and ``y = x Wᵀ + bias + u Bᵀ`` with the mask drawn from
-    ``(seed, row*K + col)``; see :func:`dropout_keep_mask`.
+    ``(seed, row, col)``; see :func:`dropout_keep_mask`.
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
     "triton" (F1 + F2) or "cublas" (F1 + torch GEMM + F2 as in-place epilogue). Default: "small_m" when
@@ -1070,8 +1076,8 @@ def lora_backward(
 
 
 def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
-    """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row*K + col)``:
-    ``keep = tl.rand(seed, row*K + col) >= p`` (Philox, int64 offsets)."""
+    """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
+    ``keep = uniform(Philox(seed; counter = (col, row, 0, 0))) >= p`` (see ``_common.keep_mask``)."""
     check_scalars(1.0, dropout_p, seed)
     device = torch.device(device)
     out = torch.empty((M, K), dtype=torch.uint8, device=device)

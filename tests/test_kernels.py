@@ -265,7 +265,7 @@ def test_keep_rate_and_offsets(p):
     rate = mask.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(rate - (1 - p)) < 3 * sigma, f"keep rate {rate:.4f} vs {1 - p} (3 sigma = {3 * sigma:.4f})"
-    # the mask depends on (seed, row*K + col) only: fewer rows give a prefix of the same mask
+    # the mask depends on (seed, row, col) only: fewer rows give a prefix of the same mask
     assert torch.equal(dropout_keep_mask(7, 5, K_, p, DEVICE), mask[:5])
     assert torch.equal(dropout_keep_mask(7, M, K_, p, DEVICE), mask)
     assert not torch.equal(dropout_keep_mask(8, M, K_, p, DEVICE), mask)
