@@ -45,7 +45,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
 def _masked_input(x: torch.Tensor, keep_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """``m ⊙ x`` in ``dtype`` (one pass; the 1/(1-p) factor is folded into the [M, r] side)."""
     x = x.to(dtype)
-    return x if keep_mask is None else x * keep_mask
+    return x if keep_mask is None else torch.where(keep_mask, x, 0.0)
 
 
 def lora_forward(
@@ -91,7 +91,7 @@ def lora_backward(
     grad_A = grad_u.t() @ _masked_input(x, keep_mask, lora_dtype)
     grad_x = grad_u @ lora_A
     if keep_mask is not None:
-        grad_x.mul_(keep_mask)
+        grad_x = torch.where(keep_mask, grad_x, 0.0)
     if x.dtype == lora_dtype:
         grad_x.addmm_(grad_y, weight)
     else:
