@@ -140,47 +140,32 @@ def _backward_configs() -> list[triton.Config]:
     return _gemm_configs("BLOCK_K")
 
 
+def _two_block_configs(block_names: tuple[str, str], shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Configs of a kernel tiled by two blocks; ``shapes`` are (block0, block1, warps, stages), the
+    first being the default. Under the interpreter: one 32x32 single-stage config."""
+    if interpreting():
+        return [_cfg(num_stages=1, **dict.fromkeys(block_names, 32))]
+    return _tuned([_cfg(w, s, **dict(zip(block_names, (b0, b1), strict=True))) for b0, b1, w, s in shapes])
+
+
 def _down_configs() -> list[triton.Config]:
     """F1 (u = s x̂ Aᵀ): a skinny GEMM bound by reading x."""
-    if interpreting():
-        return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_K=32)]
-    return _tuned(
-        [
-            _cfg(w, s, BLOCK_M=bm, BLOCK_K=bk)
-            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
-        ]
+    return _two_block_configs(
+        ("BLOCK_M", "BLOCK_K"), [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
     )
 
 
 def _dy_configs() -> list[triton.Config]:
     """B1 (du, dB from one pass over dY)."""
-    if interpreting():
-        return [_cfg(num_stages=1, BLOCK_M=32, BLOCK_N=32)]
-    return _tuned(
-        [
-            _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn)
-            for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-        ]
+    return _two_block_configs(
+        ("BLOCK_M", "BLOCK_N"), [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
     )
 
 
 def _small_m_configs() -> list[triton.Config]:
     """Small-M fused forward: bound by reading W; small BLOCK_N gives more programs."""
-    if interpreting():
-        return [_cfg(num_stages=1, BLOCK_N=32, BLOCK_K=32)]
-    return _tuned(
-        [
-            _cfg(w, s, BLOCK_N=bn, BLOCK_K=bk)
-            for bn, bk, w, s in [
-                (64, 128, 4, 4),
-                (32, 128, 4, 4),
-                (64, 64, 4, 4),
-                (128, 64, 4, 3),
-                (32, 256, 4, 3),
-                (16, 256, 4, 3),
-            ]
-        ]
-    )
+    shapes = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
+    return _two_block_configs(("BLOCK_N", "BLOCK_K"), shapes)
 
 
 def _prune_factory(dims: dict[str, str]):
