@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -44,13 +43,13 @@ def parse_args(argv=None):
 
 
 def import_lorafast():
-    """``lorafast.kernels`` and ``lorafast.reference``; when the package is not installed (the
-    GPU box installs nothing) load them from the source tree without running
-    ``lorafast/__init__.py`` (which imports transformers)."""
+    """``lorafast.kernels``, ``lorafast.reference`` and ``lorafast.benchmark`` (the one timing
+    harness); when the package is not installed (the GPU box installs nothing) load them from the
+    source tree without running ``lorafast/__init__.py`` (which imports transformers)."""
     try:
-        from lorafast import kernels, reference
+        from lorafast import benchmark, kernels, reference
 
-        return kernels, reference
+        return kernels, reference, benchmark
     except ImportError:
         pass
     for name in [m for m in sys.modules if m == "lorafast" or m.startswith("lorafast.")]:
@@ -70,8 +69,9 @@ def import_lorafast():
 
     reference = load("lorafast.reference", ROOT / "lorafast" / "reference.py")
     kernels = load("lorafast.kernels", ROOT / "kernels" / "__init__.py", is_pkg=True)
-    pkg.reference, pkg.kernels = reference, kernels
-    return kernels, reference
+    benchmark = load("lorafast.benchmark", ROOT / "lorafast" / "benchmark.py")
+    pkg.reference, pkg.kernels, pkg.benchmark = reference, kernels, benchmark
+    return kernels, reference, benchmark
 
 
 def make_peft_layer(peft_linear, base_layer, r, p):
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    kernels, reference = import_lorafast()
+    kernels, reference, benchmark = import_lorafast()
     dev = "cpu" if args.dry_run else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run for a CPU smoke test", file=sys.stderr)
@@ -174,19 +174,16 @@ def main(argv=None) -> int:
     if args.dry_run:
         train_shapes = [(70, 48, 48), (130, 40, 72)]  # (M, K, N)
         decode_shapes = [(1, 48, 48), (4, 48, 48)]
-
-        def bench(fn, grad_to_none=None):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
+        budget = benchmark.TimingBudget(cpu_seconds=0.01, cpu_warmup_calls=1, cpu_min_calls=3, cpu_max_calls=3)
     else:
         sizes = [4096, 5120, 8192]
         train_shapes = [(m, k, k) for k in sizes for m in (256 * 8, 256 * 32)]
         decode_shapes = [(m, 4096, 4096) for m in (1, 4, 16)]
+        budget = benchmark.TimingBudget(cuda_warmup_ms=10, cuda_rep_ms=60)
 
-        def bench(fn, grad_to_none=None):
-            return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none)
+    def bench(fn, grad_to_none=()):
+        """Median ms of ``fn()`` by the project's one harness (``do_bench`` on CUDA)."""
+        return benchmark.measure_time(fn, torch.device(dev), budget, grad_to_none).median_ms
 
     peft_linear = None
     if not args.no_peft:
