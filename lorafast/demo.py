@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from importlib.resources import files
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from lorafast import ops, reference
+from lorafast.benchmark import Step, TimingBudget, compare_times
 from lorafast.datasets import load_text_data
 from lorafast.finetune import (
     FinetuneJob,
@@ -101,31 +101,26 @@ def with_naive_lora(model: nn.Module) -> nn.Module:
     return naive
 
 
-def _timed_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    """Seconds for one forward + backward (gradients then dropped, so the weights never change)."""
-    start = time.perf_counter()
-    model(**batch).loss.backward()
-    elapsed = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return elapsed
+def _training_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Step:
+    """One forward + backward of ``model``; its gradients are dropped before each call, so the weights never change."""
+    trainable = tuple(parameter for parameter in model.parameters() if parameter.requires_grad)
+    return Step(lambda: model(**batch).loss.backward(), grads_to_reset=trainable)
 
 
 def step_times(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> tuple[float, float]:
     """Median seconds per training step (forward + backward) of ``model`` and of its naive-LoRA copy.
 
-    The two alternate step by step (after one warm-up step each), so a change in machine load
-    hits both alike.
+    Timed by the project's one harness (``lorafast.benchmark.compare_times``): the two alternate
+    call by call after one warm-up call each, so a change in machine load hits both alike.
     """
     naive = with_naive_lora(model)
     model.train()
     naive.train()
-    fused_times, naive_times = [], []
-    for step in range(steps + 1):
-        fused_time, naive_time = _timed_step(model, batch), _timed_step(naive, batch)
-        if step > 0:
-            fused_times.append(fused_time)
-            naive_times.append(naive_time)
-    return statistics.median(fused_times), statistics.median(naive_times)
+    budget = TimingBudget(cpu_seconds=1e-3, cpu_warmup_calls=1, cpu_min_calls=steps, cpu_max_calls=steps)
+    steps_to_time = {"lorafast": _training_step(model, batch), "naive": _training_step(naive, batch)}
+    timings = compare_times(steps_to_time, torch.device("cpu"), budget)
+    model.zero_grad(set_to_none=True)
+    return timings["lorafast"].median_ms / 1e3, timings["naive"].median_ms / 1e3
 
 
 def measure_step_time_ratio(job: FinetuneJob) -> tuple[float, float]:
