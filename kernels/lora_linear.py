@@ -168,12 +168,17 @@ def _small_m_configs() -> list[triton.Config]:
     return _two_block_configs(("BLOCK_N", "BLOCK_K"), shapes)
 
 
-def _prune_factory(dims: dict[str, str]):
+def _prune_factory(dims: dict[str, str], output_tile: tuple[str, str] | None = None):
     """Build an ``early_config_prune`` dropping configs whose tiles exceed the problem.
 
     ``dims`` maps a block name to the kernel argument it tiles (e.g. ``{"BLOCK_M": "M_BUCKET"}``).
     A block is kept if it is <= max(16, next_pow2(dim)); if nothing survives, the config with the
     smallest tiles is kept.
+
+    ``output_tile`` names the two blocks of a GEMM kernel's fp32 accumulator. Above rank 64
+    (``R_PAD`` > 64) configs whose accumulator holds more than 64 elements per thread are dropped
+    (when any other survives): with the rank-r epilogue beside it they spilled 2.4-2.6 KB per
+    thread in bench/compile_check.py (the 256-wide tiles, and 128x128 with 4 warps).
     """
 
     def prune(configs, named_args, **kwargs):
@@ -182,6 +187,10 @@ def _prune_factory(dims: dict[str, str]):
         kept = [c for c in configs if all(c.kwargs.get(b, 0) <= lim for b, lim in limits.items())]
         if not kept:
             kept = [min(configs, key=lambda c: sum(c.kwargs.get(b, 0) for b in limits))]
+        if output_tile is not None and int(args.get("R_PAD", 16)) > 64:
+            rows, cols = output_tile
+            light = [c for c in kept if c.kwargs[rows] * c.kwargs[cols] <= 64 * 32 * c.num_warps]
+            kept = light or kept
         return kept
 
     return prune
@@ -275,7 +284,11 @@ def _lora_down_kernel(
 @triton.autotune(
     configs=_forward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
-    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})},
+    prune_configs_by={
+        "early_config_prune": _prune_factory(
+            {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_N")
+        )
+    },
     restore_value=["y_ptr"],
 )
 @triton.jit
@@ -516,7 +529,11 @@ def _lora_dy_kernel(
 @triton.autotune(
     configs=_backward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "LOAD_ACC", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"})},
+    prune_configs_by={
+        "early_config_prune": _prune_factory(
+            {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_K")
+        )
+    },
     reset_to_zero=["da_ptr"],
     restore_value=["dx_ptr"],
 )
