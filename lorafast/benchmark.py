@@ -8,7 +8,8 @@ Every benchmark in the project (``lorafast bench``, ``bench/test_bench_cpu.py``,
 Timing: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events); on the CPU
 a ``time.perf_counter`` loop with warmup and a time budget, round-robin over the callables being
 compared (:func:`compare_times`). Both give the median and the 20th / 80th percentiles in
-milliseconds.
+milliseconds. To tell launch overhead from GPU work: :func:`measure_host_time` (how long a call
+takes to return) and :func:`measure_graph_time` (the call replayed from a CUDA graph: GPU time only).
 
 Files are written atomically: to a temporary file in the target's directory, then
 ``os.replace``, so a crash or a full disk never leaves a half-written result behind.
@@ -148,6 +149,70 @@ def _timed_call(step: Step) -> float:
 def _summary(samples_ms: Sequence[float]) -> Timing:
     deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
     return Timing(median_ms=statistics.median(samples_ms), p20_ms=deciles[1], p80_ms=deciles[7])
+
+
+def measure_host_time(
+    fn: Callable[[], object], device: torch.device, calls: int = 20, samples: int = 5, warmup_calls: int = 2
+) -> Timing:
+    """Host time of one ``fn()``: how long the call takes to return, not how long its work takes.
+
+    After ``warmup_calls`` calls the device is synchronized; each of ``samples`` samples is
+    ``time.perf_counter`` around ``calls`` back-to-back calls with no synchronize between them,
+    divided by ``calls``, and the device is synchronized after each sample, outside the timing.
+    On CUDA this is the Python and launch cost per call: kernels are queued, not waited for, as
+    long as the launch queue (about a thousand launches) never fills, so keep ``calls`` small
+    (the default 20 suits an op of up to a few dozen launches). Host time at or above the GPU
+    time (:func:`measure_graph_time`) means the op is launch-bound: the GPU waits for the host.
+    On the CPU the host time is the whole time.
+    """
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the benchmark harness times cpu and cuda devices, got {device.type!r}")
+    if calls < 1 or samples < 3 or warmup_calls < 0:
+        raise ValueError(f"need calls >= 1, samples >= 3, warmup_calls >= 0, got {calls}, {samples}, {warmup_calls}")
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup_calls):
+        fn()
+    per_call_ms = []
+    for _ in range(samples):
+        synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call_ms.append((time.perf_counter() - started) * 1e3 / calls)
+        synchronize()
+    return _summary(per_call_ms)
+
+
+def measure_graph_time(
+    fn: Callable[[], object], device: torch.device, budget: TimingBudget, warmup_calls: int = 3
+) -> Timing:
+    """GPU time of one ``fn()`` without the host's share: ``fn`` captured once in a CUDA graph,
+    then ``graph.replay`` (one launch) timed by :func:`measure_time`.
+
+    ``fn`` must be warm (compiled, autotuned): capture records launches, it cannot benchmark
+    configs, synchronize or copy to the host; what it cannot capture raises, as does a device
+    other than CUDA. The warmup calls run on a side stream, as PyTorch's CUDA-graph docs ask
+    before a capture. The graph and its memory pool are released before returning.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device.type!r}")
+    side_stream = torch.cuda.Stream(device)
+    side_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side_stream):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return measure_time(graph.replay, device, budget)
+    finally:
+        graph.reset()
 
 
 def peak_memory_bytes(step: Step, device: torch.device) -> int | None:

@@ -13,7 +13,7 @@ import torch
 from tolerances import assert_close
 from torch import nn
 
-from lorafast import benchmark_suite, cli, reference
+from lorafast import benchmark, benchmark_suite, cli, reference
 from lorafast.benchmark import (
     BenchRow,
     Step,
@@ -23,6 +23,8 @@ from lorafast.benchmark import (
     compare_times,
     fill_relative_metrics,
     format_table,
+    measure_graph_time,
+    measure_host_time,
     measure_time,
     saved_activation_bytes,
     write_csv,
@@ -118,6 +120,80 @@ def test_timing_budget_rejects_bad_values(budget_kwargs):
 def test_measure_time_rejects_other_devices():
     with pytest.raises(ValueError, match="'meta'"):
         measure_time(lambda: None, torch.device("meta"), TINY_BUDGET)
+
+
+def test_measure_host_time_times_back_to_back_calls_between_synchronizes(monkeypatch):
+    """CUDA's order of events without a GPU: warmup, then per sample sync, `calls` calls, sync."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+
+    def sleep_one_ms() -> None:
+        events.append("call")
+        time.sleep(0.001)
+
+    timing = measure_host_time(sleep_one_ms, torch.device("cuda"), calls=4, samples=3, warmup_calls=1)
+    assert events == ["call"] + (["sync"] + ["call"] * 4 + ["sync"]) * 3
+    assert 1.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms < 50
+
+
+def test_measure_host_time_on_cpu_and_bad_arguments():
+    calls = []
+    timing = measure_host_time(functools.partial(calls.append, 1), CPU, calls=2, samples=3, warmup_calls=0)
+    assert len(calls) == 6 and 0 <= timing.median_ms < 10
+    with pytest.raises(ValueError, match="samples >= 3"):
+        measure_host_time(lambda: None, CPU, samples=2)
+    with pytest.raises(ValueError, match="'meta'"):
+        measure_host_time(lambda: None, torch.device("meta"))
+
+
+def test_measure_graph_time_warms_up_on_a_side_stream_captures_once_and_times_replay(monkeypatch):
+    """The CUDA-graph recipe without a GPU: torch.cuda's stream and graph objects replaced by fakes."""
+    events = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits")
+
+    side, main = FakeStream(), FakeStream()
+    side.name, main.name = "side", "main"
+    current = [main]
+
+    @contextlib.contextmanager
+    def use_stream(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+        def reset(self):
+            events.append("reset")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    def fake_measure_time(fn, device, budget):
+        fn()
+        return benchmark.Timing(1.0, 0.9, 1.1)
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(benchmark, "measure_time", fake_measure_time)
+    timing = measure_graph_time(lambda: events.append(f"call on {current[-1].name}"), torch.device("cuda"), TINY_BUDGET)
+    assert timing == benchmark.Timing(1.0, 0.9, 1.1)
+    assert events == [
+        "side waits", *["call on side"] * 3, "main waits", "capture", "call on main", "captured", "replay", "reset",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        measure_graph_time(lambda: None, CPU, TINY_BUDGET)
 
 
 def test_saved_activation_bytes_counts_each_storage_once_and_skips_parameters():
