@@ -81,6 +81,7 @@ from ._common import (
     MAX_RANK,
     SMALL_M_MAX,
     autotune_enabled,
+    cdiv,
     check_2d,
     check_float,
     check_same_device,
@@ -89,6 +90,7 @@ from ._common import (
     dot_fp32_lhs,
     dot_fp32_rhs,
     dot_precision,
+    drop_threshold,
     grouped_pid,
     interpreting,
     keep_mask,
@@ -229,7 +231,7 @@ def _small_m_prune(configs, named_args, **kwargs):
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"})},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_down_kernel(
     x_ptr,
     a_ptr,
@@ -246,7 +248,7 @@ def _lora_down_kernel(
     stride_ur,
     scale,  # s / (1 - p)
     seed,
-    p,
+    threshold,  # drop_threshold(p)
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     SPLIT_LORA: tl.constexpr,
@@ -270,7 +272,7 @@ def _lora_down_kernel(
         k_ok = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, p)
+            keep = keep_mask(seed, rm, k * BLOCK_K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot_fp32_rhs(x, a, acc, DOT_PREC, SPLIT_LORA)
@@ -370,7 +372,7 @@ def _lora_fwd_main_kernel(
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _small_m_prune},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_fwd_small_m_kernel(
     x_ptr,
     w_ptr,
@@ -397,7 +399,7 @@ def _lora_fwd_small_m_kernel(
     stride_ur,
     scale,  # s / (1 - p)
     seed,
-    p,
+    threshold,  # drop_threshold(p)
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -435,7 +437,7 @@ def _lora_fwd_small_m_kernel(
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rm, offs_k + k * BLOCK_K, p)
+            keep = keep_mask(seed, rm, k * BLOCK_K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
         xa = dot_fp32_rhs(x, a, xa, DOT_PREC, SPLIT_LORA)
         x_ptrs += BLOCK_K * stride_xk
@@ -537,7 +539,7 @@ def _lora_dy_kernel(
     reset_to_zero=["da_ptr"],
     restore_value=["dx_ptr"],
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_dx_kernel(
     dy_ptr,
     w_ptr,
@@ -568,7 +570,7 @@ def _lora_dx_kernel(
     stride_dak,
     inv_keep,  # 1 / (1 - p)
     seed,
-    p,
+    threshold,  # drop_threshold(p)
     GEMM: tl.constexpr,
     LOAD_ACC: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
@@ -609,7 +611,7 @@ def _lora_dx_kernel(
         # tile, and a layout conversion of a shared i1 mask goes through shared memory, which
         # rejects 1-bit elements on sm_90 ("shared-memory element type bit width must be a
         # multiple of 8", found by bench/compile_check.py; an int8 copy is folded back to i1).
-        keep = tl.where(keep_mask(seed, rm, rk, p), 1.0, 0.0).to(DT)
+        keep = tl.where(keep_mask(seed, rm, pid_k * BLOCK_K, threshold, BLOCK_K), 1.0, 0.0).to(DT)
     if COMPUTE_DA:
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
@@ -670,20 +672,21 @@ def _lora_dx_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _keep_mask_kernel(
     out_ptr,  # [M, K] uint8 (viewed as bool)
     M,
     K,
     seed,
-    p,
+    threshold,  # drop_threshold(p)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = keep_mask(seed, rm, rk, p)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
+    rk = col_start + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, rm, col_start, threshold, BLOCK_K)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.uint8), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
@@ -703,6 +706,10 @@ class LoraScalars:
     @property
     def has_dropout(self) -> bool:
         return self.dropout_p > 0.0
+
+    @property
+    def threshold(self) -> int:
+        return drop_threshold(self.dropout_p)
 
     @property
     def inv_keep(self) -> float:
@@ -774,13 +781,38 @@ def _check_forward_inputs(x, weight, bias, lora_A, lora_B) -> tuple[int, int, in
     return M, N, K, r
 
 
+def _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u) -> None:
+    check_2d("grad_y", grad_y)
+    check_2d("x", x)
+    check_2d("weight", weight)
+    check_2d("u", u)
+    check_float("x", x)
+    check_float("u", u)
+    if weight.dtype != x.dtype or grad_y.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and grad_y ({grad_y.dtype}) must share a dtype")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] with K = {K} (x is {tuple(x.shape)})")
+    if tuple(grad_y.shape) != (M, N):
+        raise ValueError(
+            f"grad_y {tuple(grad_y.shape)} must be [M, N] = [{M}, {N}] (x {tuple(x.shape)}, weight {tuple(weight.shape)})"
+        )
+    r = _check_lora(x, lora_A, lora_B, K, N)
+    if tuple(u.shape) != (M, r):
+        raise ValueError(f"u {tuple(u.shape)} must be [M, r] = [{M}, {r}]")
+    check_same_device(
+        [("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("u", u)]
+    )
+
+
 def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
     """F1: u [M, r] fp32 <- s/(1-p) (m ⊙ x) Aᵀ."""
     M, K = x.shape
     r = lora_A.shape[0]
     r_pad = padded_rank(r)
     block_r = min(r_pad, 64)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
+    grid = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
     _lora_down_kernel[grid](
         x,
         lora_A,
@@ -797,7 +829,7 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
         u.stride(1),
         sc.scaling * sc.inv_keep,
         sc.seed,
-        sc.dropout_p,
+        sc.threshold,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
@@ -812,7 +844,7 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
     N = weight.shape[0]
     r = lora_B.shape[1]
     r_pad = padded_rank(r)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     _lora_fwd_main_kernel[grid](
         x,
         weight,
@@ -850,7 +882,7 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
     N = weight.shape[0]
     r = lora_A.shape[0]
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
-    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m))  # noqa: E731
     _lora_fwd_small_m_kernel[grid](
         x,
         weight,
@@ -878,7 +910,7 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         u.stride(1),
         sc.scaling * sc.inv_keep,
         sc.seed,
-        sc.dropout_p,
+        sc.threshold,
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
@@ -957,6 +989,7 @@ def lora_backward(
     needs_grad_lora: bool = True,
     *,
     main_gemm: str | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fused LoRA backward: returns ``(dX [M, K] x.dtype, dA [r, K] lora_A.dtype, dB [N, r] lora_B.dtype)``,
     None for what is not needed.
@@ -964,31 +997,14 @@ def lora_backward(
     B1: ``du = s·dY B`` and ``dB = dYᵀ u`` in one pass over dY. B2: ``dX = dY W + m ⊙ (du A)/(1-p)``
     and ``dA = duᵀ (m ⊙ x)/(1-p)`` from the same tiles (the mask regenerated from the seed).
     ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default
-    :func:`choose_main_gemm` (M, K, N).
+    :func:`choose_main_gemm` (M, K, N). ``validate=False`` skips the input checks, for callers
+    whose inputs are this module's own forward's (lorafast.ops' autograd: ~20 µs of Python).
     """
-    check_2d("grad_y", grad_y)
-    check_2d("x", x)
-    check_2d("weight", weight)
-    check_2d("u", u)
-    check_float("x", x)
-    check_float("u", u)
-    if weight.dtype != x.dtype or grad_y.dtype != x.dtype:
-        raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and grad_y ({grad_y.dtype}) must share a dtype")
+    if validate:
+        _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u)
+        check_scalars(scaling, dropout_p, seed)
     M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"weight {tuple(weight.shape)} must be [N, K] with K = {K} (x is {tuple(x.shape)})")
-    if tuple(grad_y.shape) != (M, N):
-        raise ValueError(
-            f"grad_y {tuple(grad_y.shape)} must be [M, N] = [{M}, {N}] (x {tuple(x.shape)}, weight {tuple(weight.shape)})"
-        )
-    r = _check_lora(x, lora_A, lora_B, K, N)
-    if tuple(u.shape) != (M, r):
-        raise ValueError(f"u {tuple(u.shape)} must be [M, r] = [{M}, {r}]")
-    check_same_device(
-        [("grad_y", grad_y), ("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("u", u)]
-    )
-    check_scalars(scaling, dropout_p, seed)
+    N, r = lora_B.shape
     sc = LoraScalars(float(scaling), float(dropout_p), int(seed), needs_split(x.dtype, lora_A, lora_B))
     if main_gemm is None:
         main_gemm = choose_main_gemm(M, K, N, x.device)
@@ -1001,15 +1017,16 @@ def lora_backward(
     grad_y, x, weight = stride_safe(grad_y), stride_safe(x), stride_safe(weight)
     r_pad = padded_rank(r)
     du = torch.empty((M, r), dtype=torch.float32, device=dev)
-    db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    da = torch.zeros((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
     dx = torch.empty((M, K), dtype=x.dtype, device=dev) if needs_grad_x else None
-    # unused pointer slots get their own scratch: autotune's reset_to_zero/restore_value touch them
-    scratch = torch.zeros(1, dtype=torch.float32, device=dev)
+    # dA and dB: fp32 atomic targets, zeroed (separate buffers: the custom op's outputs must not alias)
+    da = torch.zeros((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    # unused pointer slots get a scratch of their own (autotune's reset_to_zero/restore_value touch them)
+    scratch = None if needs_grad_x and needs_grad_lora else torch.zeros(1, dtype=torch.float32, device=dev)
     if M > 0:
         # ---- B1: du, dB
         block_r = min(r_pad, 64)
-        grid1 = lambda META: (triton.cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
+        grid1 = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
         _lora_dy_kernel[grid1](
             grad_y,
             lora_B,
@@ -1041,7 +1058,7 @@ def lora_backward(
         use_cublas = needs_grad_x and main_gemm == "cublas"
         if use_cublas:
             torch.mm(grad_y, weight, out=dx)
-        grid2 = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+        grid2 = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
         _lora_dx_kernel[grid2](
             grad_y,
             weight,
@@ -1072,7 +1089,7 @@ def lora_backward(
             1,
             sc.inv_keep,
             sc.seed,
-            sc.dropout_p,
+            sc.threshold,
             GEMM=needs_grad_x and not use_cublas,
             LOAD_ACC=use_cublas,
             COMPUTE_DX=needs_grad_x,
@@ -1092,7 +1109,8 @@ def lora_backward(
 
 def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
-    ``keep = uniform(Philox(seed; counter = (col, row, 0, 0))) >= p`` (see ``_common.keep_mask``)."""
+    ``keep = word[col % 4] >> 1 >= round(p · 2**31)`` with ``word = Philox(seed; counter = (col // 4,
+    row, 0, 0))`` (see ``_common.keep_mask``)."""
     check_scalars(1.0, dropout_p, seed)
     device = torch.device(device)
     out = torch.empty((M, K), dtype=torch.uint8, device=device)
@@ -1100,6 +1118,6 @@ def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> to
         if device.type == "cpu" and not interpreting():
             raise ValueError("dropout_keep_mask needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         bm, bk = (16, 64) if interpreting() else (32, 128)
-        grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
-        _keep_mask_kernel[grid](out, M, K, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+        grid = (cdiv(M, bm), cdiv(K, bk))
+        _keep_mask_kernel[grid](out, M, K, int(seed), drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
     return out.view(torch.bool)

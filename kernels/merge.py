@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_2d, check_float, check_same_device, interpreting, padded_rank
+from ._common import cdiv, check_2d, check_float, check_same_device, interpreting, padded_rank
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def lora_merge_(
     r_pad = padded_rank(r)
     block_r = min(r_pad, 32)
     bn, bk = (32, 32) if interpreting() else (64, 64)
-    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
+    grid = (cdiv(N, bn), cdiv(K, bk))
     _lora_merge_kernel[grid](
         weight,
         lora_A,

@@ -272,6 +272,24 @@ def test_keep_rate_and_offsets(p):
     assert dropout_keep_mask(7, 4, 8, 0.0, DEVICE).all()
 
 
+@pytest.mark.interpreter
+def test_neighbouring_columns_are_independent():
+    """One Philox evaluation gives the mask of four neighbouring columns (its four words): each
+    column offset within the group keeps at rate 1-p, and pairs of neighbours (inside a group,
+    and across two groups) both keep at rate (1-p)² -- within 4σ of each, for two seeds."""
+    p, M, K_ = 0.5, 256, 512
+    for seed in (11, 12):
+        keep = dropout_keep_mask(seed, M, K_, p, DEVICE).double()
+        for offset in range(4):
+            column_rate = keep[:, offset::4].mean().item()
+            sigma = math.sqrt(p * (1 - p) / (M * K_ / 4))
+            assert abs(column_rate - (1 - p)) < 4 * sigma, f"offset {offset}: keep rate {column_rate:.4f}"
+            both = (keep[:, offset:-1:4] * keep[:, offset + 1 :: 4]).mean().item()  # (c, c+1), c % 4 == offset
+            q = (1 - p) ** 2
+            sigma = math.sqrt(q * (1 - q) / (M * K_ / 4))
+            assert abs(both - q) < 4 * sigma, f"pairs at offset {offset}: both kept at rate {both:.4f} vs {q}"
+
+
 # ----------------------------------------------------------------------------- merge
 
 
