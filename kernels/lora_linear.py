@@ -108,12 +108,6 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
-    """All configs, or only the first (the default) when ``LORAFAST_AUTOTUNE=0`` (read at import):
-    GPU test runs use that to skip autotuning's compiles and benchmarks."""
-    return configs if autotune_enabled() else configs[:1]
-
-
 def _gemm_configs(bn_name: str) -> list[triton.Config]:
     """Main-GEMM tiles (the matmul tutorial's Hopper/Ampere set). ``bn_name`` is the output
     column block's name (BLOCK_N in F2, BLOCK_K in B2, whose reduction block is BLOCK_N)."""
@@ -121,7 +115,7 @@ def _gemm_configs(bn_name: str) -> list[triton.Config]:
     if interpreting():
         return [_cfg(num_stages=1, BLOCK_M=32, **{bn_name: 32, red: 32}, GROUP_M=4)]
     shapes = [  # (BM, BN, BK, warps, stages)
-        (128, 128, 64, 8, 3),  # first: the default when autotuning is off
+        (128, 128, 64, 8, 3),  # first: the default when autotuning is off (if the prune keeps it)
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
@@ -129,7 +123,7 @@ def _gemm_configs(bn_name: str) -> list[triton.Config]:
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
     ]
-    return _tuned([_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes])
+    return [_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes]
 
 
 def _forward_configs() -> list[triton.Config]:
@@ -147,7 +141,7 @@ def _two_block_configs(block_names: tuple[str, str], shapes: list[tuple[int, int
     first being the default. Under the interpreter: one 32x32 single-stage config."""
     if interpreting():
         return [_cfg(num_stages=1, **dict.fromkeys(block_names, 32))]
-    return _tuned([_cfg(w, s, **dict(zip(block_names, (b0, b1), strict=True))) for b0, b1, w, s in shapes])
+    return [_cfg(w, s, **dict(zip(block_names, (b0, b1), strict=True))) for b0, b1, w, s in shapes]
 
 
 def _down_configs() -> list[triton.Config]:
@@ -168,6 +162,26 @@ def _small_m_configs() -> list[triton.Config]:
     """Small-M fused forward: bound by reading W; small BLOCK_N gives more programs."""
     shapes = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
     return _two_block_configs(("BLOCK_N", "BLOCK_K"), shapes)
+
+
+def _pruned(prune) -> dict:
+    """``prune_configs_by`` for ``triton.autotune``: the early prune ``prune``, and with
+    ``LORAFAST_AUTOTUNE=0`` only the first config it keeps (the default for that launch), so GPU
+    test runs skip autotuning's compiles and benchmarks.
+
+    Why not a one-config list instead: with a single config the autotuner never calls
+    ``early_config_prune`` (triton 3.6-3.9), so a default that does not fit the launch ran
+    anyway. That is the likely cause of the one failure of the first H200 run (its message was
+    lost; it was the only fp32 small-M case at BLOCK_M 64): the small-M kernel's default 64x128
+    tiles need 248 KiB of shared memory there (sm_90 allows 227; bench/compile_check.py), where
+    the prune keeps a 32x32 config of 22 KiB.
+    """
+
+    def early_config_prune(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        return kept if autotune_enabled() else kept[:1]
+
+    return {"early_config_prune": early_config_prune}
 
 
 def _prune_factory(dims: dict[str, str], output_tile: tuple[str, str] | None = None):
@@ -229,7 +243,7 @@ def _small_m_prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_down_configs(),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"})},
+    prune_configs_by=_pruned(_prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"})),
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_down_kernel(
@@ -286,11 +300,9 @@ def _lora_down_kernel(
 @triton.autotune(
     configs=_forward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
-    prune_configs_by={
-        "early_config_prune": _prune_factory(
-            {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_N")
-        )
-    },
+    prune_configs_by=_pruned(
+        _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_N"))
+    ),
     restore_value=["y_ptr"],
 )
 @triton.jit
@@ -370,7 +382,7 @@ def _lora_fwd_main_kernel(
 @triton.autotune(
     configs=_small_m_configs(),
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _small_m_prune},
+    prune_configs_by=_pruned(_small_m_prune),
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_fwd_small_m_kernel(
@@ -459,7 +471,7 @@ def _lora_fwd_small_m_kernel(
 @triton.autotune(
     configs=_dy_configs(),
     key=["M_BUCKET", "N", "R_PAD", "COMPUTE_DB"],
-    prune_configs_by={"early_config_prune": _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"})},
+    prune_configs_by=_pruned(_prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"})),
     reset_to_zero=["db_ptr"],
 )
 @triton.jit
@@ -531,11 +543,9 @@ def _lora_dy_kernel(
 @triton.autotune(
     configs=_backward_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "LOAD_ACC", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
-    prune_configs_by={
-        "early_config_prune": _prune_factory(
-            {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_K")
-        )
-    },
+    prune_configs_by=_pruned(
+        _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_K"))
+    ),
     reset_to_zero=["da_ptr"],
     restore_value=["dx_ptr"],
 )

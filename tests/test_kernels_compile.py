@@ -80,3 +80,68 @@ def test_ci_subset_covers_split_rank_256_and_dropout_paths(compile_report):
     assert any(k.endswith("_lora_dx_kernel") and "HAS_DROPOUT" in lab and "!SPLIT_LORA" in lab for k, lab in labels)
     split = {k for k, lab in labels if " SPLIT_LORA" in lab}
     assert split >= {k for k in EXPECTED_KERNELS if k.startswith("lora_linear.") and "keep_mask" not in k}
+
+
+#: Run in a subprocess with LORAFAST_AUTOTUNE=0 and no interpreter: records, for every launch of
+#: compile_check's scenarios, the config the real autotuner hands to the JIT and the configs the
+#: kernel's early prune keeps when autotuning is on.
+_UNTUNED_CHOICES = r"""
+import json, os, sys
+sys.path.insert(0, "bench")
+import compile_check as cc
+from triton.runtime.autotuner import Autotuner
+
+objs = cc._kernel_objects()
+calls, chosen = [], []
+for name, obj in objs.items():
+    if not isinstance(obj, Autotuner):
+        obj.run = lambda *args, **kwargs: None  # plain kernels: no config to choose
+        continue
+    def outer(*args, _run=obj.run, _name=name, **kwargs):
+        calls.append((_name, args, kwargs))
+        return _run(*args, **kwargs)
+    def inner(*args, grid, warmup, **kwargs):
+        chosen.append(kwargs)
+    obj.run, obj.fn.run = outer, inner
+scenarios = cc.scenarios("quick") + [
+    cc.Scenario("forward", "float32", "float32", 33, 24, 72, 16, bias=False, path="small_m"),
+    cc.Scenario("forward", "float32", "float32", 33, 4096, 4096, 256, path="small_m"),
+    cc.Scenario("forward", "bfloat16", "float32", 33, 4096, 4096, 130, path="triton"),
+]
+for sc in scenarios:
+    cc.run_scenario(sc)
+report = []
+for (name, args, kwargs), run_kwargs in zip(calls, chosen, strict=True):
+    obj = objs[name]
+    nargs = dict(zip(obj.fn.arg_names, args, strict=False))
+    os.environ["LORAFAST_AUTOTUNE"] = "1"
+    kept = [cc._describe(c) for c in cc._configs_for(obj, nargs, kwargs)]
+    os.environ["LORAFAST_AUTOTUNE"] = "0"
+    ran = {k: v for k, v in run_kwargs.items() if k.startswith("BLOCK_") and k not in kwargs}
+    ran_config = type("C", (), {"kwargs": ran, "num_warps": run_kwargs["num_warps"], "num_stages": run_kwargs["num_stages"]})
+    report.append({"kernel": name, "ran": cc._describe(ran_config), "kept": kept})
+print(json.dumps(report))
+"""
+
+
+def test_untuned_launches_run_a_config_the_prune_keeps():
+    """``LORAFAST_AUTOTUNE=0`` (the GPU test runs) must launch the first config the kernel's prune
+    keeps, never a config it drops: the autotuner skips the prune when it holds a single config,
+    and the small-M kernel's unpruned fp32 default needs 248 KiB of shared memory at BLOCK_M 64,
+    the likely cause of the first H200 run's one failure. The three extra launches are that case, R_PAD 256 and r=130."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LORAFAST_AUTOTUNE"] = "0"
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNTUNED_CHOICES], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in report} == {
+        k for k in EXPECTED_KERNELS if "keep_mask" not in k and "merge" not in k
+    }
+    wrong = [
+        f"{row['kernel']}: ran {row['ran']}, prune keeps {row['kept']}"
+        for row in report
+        if row["ran"] != row["kept"][0]
+    ]
+    assert not wrong, "\n".join(wrong)
