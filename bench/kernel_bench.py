@@ -10,11 +10,24 @@ For each training shape the fused op is timed with the main GEMM forced to "trit
 "cublas", and with the default choice (``choose_main_gemm``); the faster path is reported as
 ``best_main_gemm`` (what ``lorafast.kernels.MAIN_GEMM_TABLE`` should hold).
 
+Host overhead vs GPU time, for the fused op and its comparison (training: ``base`` and
+``fused``; decode: ``merged`` and ``fused_unmerged``): ``*_ms`` is ``do_bench`` (CUDA events, so
+GPU idle time waiting for the host counts), ``*_host_ms`` the time a call takes to return
+(``measure_host_time``: launches queued, not waited for) and ``*_graph_ms`` the GPU time alone
+(``measure_graph_time``: the call replayed from a CUDA graph; a failed capture leaves None and
+``*_graph_error``). Host time at or above graph time means launch-bound: the one-line summary
+per shape says which. ``kernel_breakdown`` (training 8192×4096×4096 and decode M=1): device
+time per kernel of one fused call, from torch.profiler. Each row has ``elapsed_s``, the wall
+time it took (compiles and autotuning included).
+
     python bench/kernel_bench.py --json bench/results/kernel_bench.json     # GPU, ~2-3 min
     python bench/kernel_bench.py --dry-run                                   # CPU smoke test
 
-``--dry-run`` runs tiny shapes through the Triton interpreter with a wall-clock timer: it only
-checks that every code path runs.
+The JSON is rewritten after every shape, so a run cut short keeps what it measured;
+``--deadline-s`` stops starting shapes after that many seconds (they are listed under
+``skipped_shapes`` and the exit status is 3). ``--dry-run`` runs tiny shapes through the Triton
+interpreter with a wall-clock timer: it only checks that every code path runs (no CUDA graphs
+or profiles there: ``not_measured`` says so).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import math
 import os
 import platform
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -39,6 +53,9 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT even if importable")
+    ap.add_argument(
+        "--deadline-s", type=float, default=None, help="start no shape after this many seconds (exit status 3)"
+    )
     return ap.parse_args(argv)
 
 
@@ -83,6 +100,104 @@ def make_peft_layer(peft_linear, base_layer, r, p):
         return peft_linear(base_layer, "default", config=config, r=r, lora_alpha=32, lora_dropout=p)
     except TypeError:
         return peft_linear(base_layer, "default", r=r, lora_alpha=32, lora_dropout=p)
+
+
+PROFILED_CALLS = 5  # fused calls per kernel_breakdown profile
+KERNEL_NAME_CHARS = 120  # cuBLAS kernel names run to ~150 characters
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line``, and the exception it happened while handling (a failed CUDA-graph
+    capture raises at capture end, hiding the call that broke it)."""
+
+    def first_line(error: BaseException) -> str:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return first_line(exc) if cause is None else f"{first_line(exc)} (while handling {first_line(cause)})"
+
+
+def add_host_and_graph_times(ctx, row: dict, name: str, fn) -> None:
+    """``{name}_host_ms`` and ``{name}_graph_ms`` of the warm ``fn`` (module docstring); the graph
+    time is None on the CPU, and None with ``{name}_graph_error`` when the capture fails."""
+    row[f"{name}_host_ms"] = ctx.host_ms(fn)
+    row[f"{name}_graph_ms"] = None
+    if ctx.dev != "cuda":
+        return
+    try:
+        row[f"{name}_graph_ms"] = ctx.graph_ms(fn)
+    except Exception as exc:  # noqa: BLE001 - record why, keep benchmarking
+        row[f"{name}_graph_error"] = describe_error(exc)
+
+
+def add_kernel_breakdown(ctx, row: dict, fn) -> None:
+    """``kernel_breakdown`` of the warm ``fn`` (None on the CPU; None with ``kernel_breakdown_error`` on failure)."""
+    row["kernel_breakdown"] = None
+    if ctx.dev != "cuda":
+        return
+    try:
+        row["kernel_breakdown"] = kernel_breakdown(fn)
+    except Exception as exc:  # noqa: BLE001 - record why, keep benchmarking
+        row["kernel_breakdown_error"] = describe_error(exc)
+
+
+def kernel_breakdown(fn, calls: int = PROFILED_CALLS) -> list[dict]:
+    """Device time per kernel of one call of the warm ``fn``: torch.profiler, CUDA activity, over ``calls`` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return summarise_device_events(prof.key_averages(), calls)
+
+
+def summarise_device_events(events, calls: int) -> list[dict]:
+    """``{name, calls, device_us_per_call}`` for each device event (kernel, memset, copy) of a
+    profile over ``calls`` calls, largest first: ``calls`` is launches per call and
+    ``device_us_per_call`` the device µs per call summed over them. Host events (CUDA runtime
+    calls) are left out. Reads ``device_time_total``, else ``cuda_time_total`` (older torch)."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    for event in events:
+        if getattr(event, "device_type", None) == DeviceType.CPU:
+            continue
+        total_us = getattr(event, "device_time_total", None)
+        if total_us is None:
+            total_us = event.cuda_time_total
+        if total_us > 0:
+            name = event.key[:KERNEL_NAME_CHARS]
+            rows.append({"name": name, "calls": event.count / calls, "device_us_per_call": total_us / calls})
+    return sorted(rows, key=lambda row: row["device_us_per_call"], reverse=True)
+
+
+def ratio(row: dict, numerator: str, denominator: str) -> float | None:
+    """``row[numerator] / row[denominator]``, None when either is missing."""
+    top, bottom = row.get(numerator), row.get(denominator)
+    return top / bottom if top and bottom else None
+
+
+def launch_summary(row: dict, kind: str, fused: str, reference: str) -> str:
+    """One line: is the fused op host-bound (host time per call >= its GPU time from the graph)?"""
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    host, graph = row.get(f"{fused}_host_ms"), row.get(f"{fused}_graph_ms")
+    if graph is None:
+        verdict = "host-bound: unknown (no graph time)"
+    else:
+        verdict = f"{'HOST-BOUND' if host >= graph else 'GPU-bound'} (host / graph {host / graph:.2f})"
+    ref_ratio = ratio(row, f"{fused}_graph_ms", f"{reference}_graph_ms")
+    return (
+        f"{kind} M={row['M']} K={row['K']} N={row['N']}: {fused} do_bench {fmt(row.get(f'{fused}_ms'))} ms, "
+        f"host {fmt(host)} ms/call, graph {fmt(graph)} ms -> {verdict}; {reference} do_bench "
+        f"{fmt(row.get(f'{reference}_ms'))}, host {fmt(row.get(f'{reference}_host_ms'))}, graph "
+        f"{fmt(row.get(f'{reference}_graph_ms'))}; {fused}/{reference} graph {fmt(ref_ratio)}"
+    )
 
 
 def bench_train_shape(ctx, M, K, N) -> dict:
@@ -134,6 +249,11 @@ def bench_train_shape(ctx, M, K, N) -> dict:
         "backward": kernels.choose_main_gemm(M, K, N, ctx.dev),
     }
     row["best_main_gemm"] = "triton" if row["fused_triton_ms"] <= row["fused_cublas_ms"] else "cublas"
+    add_host_and_graph_times(ctx, row, "base", base)
+    add_host_and_graph_times(ctx, row, "fused", fused)
+    row["fused_over_base_graph"] = ratio(row, "fused_graph_ms", "base_graph_ms")
+    if (M, K, N) == ctx.profiled_train_shape:
+        add_kernel_breakdown(ctx, row, fused)
     return row
 
 
@@ -146,10 +266,22 @@ def bench_decode_shape(ctx, M, K, N) -> dict:
         x, w, a, b, _ = ctx.make(M, K, N, lora_grad=False)
         merged = reference.merged_weight(w, a, b, scaling)
         row = {"M": M, "K": K, "N": N}
-        row["merged_ms"] = bench(lambda: torch.nn.functional.linear(x, merged))
-        row["fused_unmerged_ms"] = bench(lambda: kernels.lora_forward(x, w, None, a, b, scaling, 0.0, ctx.seed))
+
+        def merged_linear():
+            return torch.nn.functional.linear(x, merged)
+
+        def fused():
+            return kernels.lora_forward(x, w, None, a, b, scaling, 0.0, ctx.seed)
+
+        row["merged_ms"] = bench(merged_linear)
+        row["fused_unmerged_ms"] = bench(fused)
         row["naive_unmerged_ms"] = bench(lambda: reference.naive_lora_linear(x, w, None, a, b, scaling, 0.0, False))
+        add_host_and_graph_times(ctx, row, "merged", merged_linear)
+        add_host_and_graph_times(ctx, row, "fused_unmerged", fused)
+        if (M, K, N) == ctx.profiled_decode_shape:
+            add_kernel_breakdown(ctx, row, fused)
     row["fused_over_merged"] = row["fused_unmerged_ms"] / row["merged_ms"]
+    row["fused_over_merged_graph"] = ratio(row, "fused_unmerged_graph_ms", "merged_graph_ms")
     row["naive_over_merged"] = row["naive_unmerged_ms"] / row["merged_ms"]
     row["path"] = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev)
     return row
@@ -175,15 +307,19 @@ def main(argv=None) -> int:
         train_shapes = [(70, 48, 48), (130, 40, 72)]  # (M, K, N)
         decode_shapes = [(1, 48, 48), (4, 48, 48)]
         budget = benchmark.TimingBudget(cpu_seconds=0.01, cpu_warmup_calls=1, cpu_min_calls=3, cpu_max_calls=3)
+        host_calls = dict(calls=1, samples=3, warmup_calls=0)  # the interpreter: ~0.1-1 s a call
     else:
         sizes = [4096, 5120, 8192]
         train_shapes = [(m, k, k) for k in sizes for m in (256 * 8, 256 * 32)]
         decode_shapes = [(m, 4096, 4096) for m in (1, 4, 16)]
         budget = benchmark.TimingBudget(cuda_warmup_ms=10, cuda_rep_ms=60)
+        host_calls = dict(calls=20, samples=5, warmup_calls=2)  # 20 calls: well inside the launch queue
+    graph_budget = benchmark.TimingBudget(cuda_warmup_ms=5, cuda_rep_ms=25)  # one launch per replay: short
+    device = torch.device(dev)
 
     def bench(fn, grad_to_none=()):
         """Median ms of ``fn()`` by the project's one harness (``do_bench`` on CUDA)."""
-        return benchmark.measure_time(fn, torch.device(dev), budget, grad_to_none).median_ms
+        return benchmark.measure_time(fn, device, budget, grad_to_none).median_ms
 
     peft_linear = None
     if not args.no_peft:
@@ -204,8 +340,14 @@ def main(argv=None) -> int:
         "config": {"dtype": str(dtype), "r": r, "lora_alpha": 32, "dropout": p, "lora_param_dtype": "float32"},
         "train": [],
         "decode": [],
+        "skipped_shapes": [],
         "dry_run": args.dry_run,
     }
+    if dev != "cuda":
+        results["not_measured"] = {
+            "*_graph_ms": "CUDA graphs need a CUDA device",
+            "kernel_breakdown": "torch.profiler's CUDA activity needs a CUDA device",
+        }
     if peft_linear is not None:
         import peft
 
@@ -234,20 +376,47 @@ def main(argv=None) -> int:
         seed=seed,
         dtype=dtype,
         peft_linear=peft_linear,
+        host_ms=lambda fn: benchmark.measure_host_time(fn, device, **host_calls).median_ms,
+        graph_ms=lambda fn: benchmark.measure_graph_time(fn, device, graph_budget).median_ms,
+        profiled_train_shape=train_shapes[1] if args.dry_run else (8192, 4096, 4096),
+        profiled_decode_shape=decode_shapes[0],
     )
-    for M, K, N in train_shapes:
-        row = bench_train_shape(ctx, M, K, N)
-        results["train"].append(row)
-        print(json.dumps(row), flush=True)
-    for M, K, N in decode_shapes:
-        row = bench_decode_shape(ctx, M, K, N)
-        results["decode"].append(row)
-        print(json.dumps(row), flush=True)
-
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+
+    def save() -> None:
+        """Rewrite the JSON (atomically) with everything measured so far."""
+        if args.json is not None:
+            with benchmark.atomic_output(args.json) as handle:
+                handle.write(json.dumps(results, indent=2))
+
+    started = time.perf_counter()
+    summaries = []
+    # decode first: its shapes are quick, and a run cut short should still have them
+    work = [("decode", shape, bench_decode_shape, "fused_unmerged", "merged") for shape in decode_shapes]
+    work += [("train", shape, bench_train_shape, "fused", "base") for shape in train_shapes]
+    for kind, (M, K, N), bench_shape, fused_name, reference_name in work:
+        if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
+            results["skipped_shapes"].append({"kind": kind, "M": M, "K": K, "N": N, "why": "--deadline-s passed"})
+            continue
+        shape_started = time.perf_counter()
+        row = bench_shape(ctx, M, K, N)
+        row["elapsed_s"] = time.perf_counter() - shape_started
+        results[kind].append(row)
+        summaries.append(launch_summary(row, kind, fused_name, reference_name))
+        print(json.dumps(row), flush=True)
+        print(summaries[-1], flush=True)
+        save()
+
+    save()
+    print(f"host vs GPU time per shape (ms; {time.perf_counter() - started:.0f} s in all):")
+    print("\n".join(summaries))
+    if args.json is not None:
         print(f"wrote {args.json}")
+    if results["skipped_shapes"]:
+        skipped = len(results["skipped_shapes"])
+        print(f"{skipped} shapes skipped: --deadline-s {args.deadline_s} passed", file=sys.stderr)
+        return 3
     return 0
 
 
