@@ -80,6 +80,7 @@ import triton.language as tl
 from ._common import (
     MAX_RANK,
     SMALL_M_MAX,
+    TunedLauncher,
     autotune_enabled,
     cdiv,
     check_2d,
@@ -702,6 +703,13 @@ def _keep_mask_kernel(
 
 # ============================================================================ launchers
 
+# The autotuned kernels' launchers: the autotuner's per-call Python once per key (TunedLauncher).
+_lora_down = TunedLauncher(_lora_down_kernel)
+_lora_fwd_main = TunedLauncher(_lora_fwd_main_kernel)
+_lora_fwd_small_m = TunedLauncher(_lora_fwd_small_m_kernel)
+_lora_dy = TunedLauncher(_lora_dy_kernel)
+_lora_dx = TunedLauncher(_lora_dx_kernel)
+
 
 @dataclass(frozen=True)
 class LoraScalars:
@@ -823,7 +831,7 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
     r_pad = padded_rank(r)
     block_r = min(r_pad, 64)
     grid = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
-    _lora_down_kernel[grid](
+    _lora_down[grid](
         x,
         lora_A,
         u,  # [M, K], [r, K], [M, r]
@@ -855,7 +863,7 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
     r = lora_B.shape[1]
     r_pad = padded_rank(r)
     grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    _lora_fwd_main_kernel[grid](
+    _lora_fwd_main[grid](
         x,
         weight,
         bias if bias is not None else x,
@@ -893,7 +901,7 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
     r = lora_A.shape[0]
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
     grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m))  # noqa: E731
-    _lora_fwd_small_m_kernel[grid](
+    _lora_fwd_small_m[grid](
         x,
         weight,
         bias if bias is not None else x,
@@ -1037,7 +1045,7 @@ def lora_backward(
         # ---- B1: du, dB
         block_r = min(r_pad, 64)
         grid1 = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
-        _lora_dy_kernel[grid1](
+        _lora_dy[grid1](
             grad_y,
             lora_B,
             u,
@@ -1069,7 +1077,7 @@ def lora_backward(
         if use_cublas:
             torch.mm(grad_y, weight, out=dx)
         grid2 = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-        _lora_dx_kernel[grid2](
+        _lora_dx[grid2](
             grad_y,
             weight,
             du,

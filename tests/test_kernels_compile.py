@@ -83,8 +83,9 @@ def test_ci_subset_covers_split_rank_256_and_dropout_paths(compile_report):
 
 
 #: Run in a subprocess with LORAFAST_AUTOTUNE=0 and no interpreter: records, for every launch of
-#: compile_check's scenarios, the config the real autotuner hands to the JIT and the configs the
-#: kernel's early prune keeps when autotuning is on.
+#: compile_check's scenarios, the config the launchers hand to the JIT (through the autotuner or
+#: its memo, kernels._common.TunedLauncher) and the configs the kernel's early prune keeps when
+#: autotuning is on.
 _UNTUNED_CHOICES = r"""
 import json, os, sys
 sys.path.insert(0, "bench")
@@ -92,34 +93,32 @@ import compile_check as cc
 from triton.runtime.autotuner import Autotuner
 
 objs = cc._kernel_objects()
-calls, chosen = [], []
+launches = []
 for name, obj in objs.items():
     if not isinstance(obj, Autotuner):
         obj.run = lambda *args, **kwargs: None  # plain kernels: no config to choose
         continue
-    def outer(*args, _run=obj.run, _name=name, **kwargs):
-        calls.append((_name, args, kwargs))
-        return _run(*args, **kwargs)
-    def inner(*args, grid, warmup, **kwargs):
-        chosen.append(kwargs)
-    obj.run, obj.fn.run = outer, inner
+    def run(*args, grid, warmup, _name=name, **kwargs):
+        launches.append((_name, args, kwargs))
+    obj.fn.run = run
 scenarios = cc.scenarios("quick") + [
     cc.Scenario("forward", "float32", "float32", 33, 24, 72, 16, bias=False, path="small_m"),
     cc.Scenario("forward", "float32", "float32", 33, 4096, 4096, 256, path="small_m"),
     cc.Scenario("forward", "bfloat16", "float32", 33, 4096, 4096, 130, path="triton"),
 ]
-for sc in scenarios:
+for sc in scenarios * 2:  # twice: the second time every launch key is memoized
     cc.run_scenario(sc)
 report = []
-for (name, args, kwargs), run_kwargs in zip(calls, chosen, strict=True):
+for name, args, kwargs in launches:
     obj = objs[name]
-    nargs = dict(zip(obj.fn.arg_names, args, strict=False))
+    config_names = {k for c in obj.configs for k in c.all_kwargs()}
+    meta = {k: v for k, v in kwargs.items() if k not in config_names}
+    ran = type("C", (), {"kwargs": {k: v for k, v in kwargs.items() if k in config_names and k.startswith("BLOCK_")},
+                         "num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]})
     os.environ["LORAFAST_AUTOTUNE"] = "1"
-    kept = [cc._describe(c) for c in cc._configs_for(obj, nargs, kwargs)]
+    kept = [cc._describe(c) for c in cc._configs_for(obj, dict(zip(obj.fn.arg_names, args)), meta)]
     os.environ["LORAFAST_AUTOTUNE"] = "0"
-    ran = {k: v for k, v in run_kwargs.items() if k.startswith("BLOCK_") and k not in kwargs}
-    ran_config = type("C", (), {"kwargs": ran, "num_warps": run_kwargs["num_warps"], "num_stages": run_kwargs["num_stages"]})
-    report.append({"kernel": name, "ran": cc._describe(ran_config), "kept": kept})
+    report.append({"kernel": name, "ran": cc._describe(ran), "kept": kept})
 print(json.dumps(report))
 """
 
@@ -136,6 +135,8 @@ def test_untuned_launches_run_a_config_the_prune_keeps():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    half = len(report) // 2  # the scenarios ran twice: the memoized launches match the autotuner's
+    assert half > 0 and report[:half] == report[half:]
     assert {row["kernel"] for row in report} == {
         k for k in EXPECTED_KERNELS if "keep_mask" not in k and "merge" not in k
     }

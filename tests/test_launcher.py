@@ -1,0 +1,70 @@
+"""kernels._common.TunedLauncher: the autotuner once per key, then the JIT function with its choice.
+
+Checked with a stand-in autotuner that records calls (the real one is exercised by every
+interpreter test and, with its real prune, by tests/test_kernels_compile.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from lorafast.kernels._common import TunedLauncher
+
+
+class FakeAutotuner:
+    """What TunedLauncher uses of ``triton.runtime.autotuner.Autotuner``: ``arg_names``, ``keys``,
+    ``fn[grid](...)``, ``self[grid](...)`` and ``best_config`` set by ``run``."""
+
+    def __init__(self):
+        self.arg_names = ["x_ptr", "y_ptr", "M", "K", "M_BUCKET", "FLAG", "BLOCK"]
+        self.keys = ["M_BUCKET", "K", "FLAG"]
+        self.tuned, self.direct = [], []
+        self.best_config = None
+        outer = self
+
+        class Jit:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: outer.direct.append((grid, args, kwargs))
+
+        self.fn = Jit()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        block = 32 if kwargs["FLAG"] else 64
+        self.best_config = SimpleNamespace(all_kwargs=lambda: {"BLOCK": block, "num_warps": 4})
+        self.tuned.append((grid, args, kwargs))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+def _call(launcher, M, dtype=torch.float32, flag=True, grid=(1,)):
+    x, y = torch.empty(2, dtype=dtype), torch.empty(2, dtype=torch.float32)
+    launcher[grid](x, y, M, 8, 1 << (M - 1).bit_length(), FLAG=flag)
+
+
+def test_memoized_launches_get_the_autotuners_config_for_their_key():
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    _call(launcher, 100)
+    _call(launcher, 120, grid=(2,))  # same key (M_BUCKET 128, K, FLAG, dtypes): memoized
+    assert len(fake.tuned) == 1 and len(fake.direct) == 1
+    grid, args, kwargs = fake.direct[0]
+    assert grid == (2,) and args[2] == 120 and kwargs == {"FLAG": True, "BLOCK": 32, "num_warps": 4}
+    _call(launcher, 200)  # another M bucket
+    _call(launcher, 100, flag=False)  # another constexpr key value
+    _call(launcher, 100, dtype=torch.float16)  # another tensor dtype (the autotuner keys on dtypes)
+    assert len(fake.tuned) == 4 and len(fake.direct) == 1
+    _call(launcher, 100, flag=False)
+    assert fake.direct[-1][2] == {"FLAG": False, "BLOCK": 64, "num_warps": 4}
+
+
+def test_nothing_is_memoized_when_a_tool_replaces_run():
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    _call(launcher, 100)  # the real run chose a config: memoized for this key only
+    recorded = []
+    fake.run = lambda *args, **kwargs: recorded.append(args)  # as bench/compile_check.py records launches
+    _call(launcher, 300)
+    _call(launcher, 300)
+    assert len(recorded) == 2 and len(fake.direct) == 0
