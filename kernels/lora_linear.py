@@ -16,7 +16,8 @@ Kernels:
 
 * **F1** ``_lora_down_kernel``: ``u = s/(1-p) · (m ⊙ x) Aᵀ``; the mask lives only in registers.
 * **F2** ``_lora_fwd_main_kernel``: GEMM ``x Wᵀ`` with the epilogue ``+ u Bᵀ + bias``; y written
-  once. With the cuBLAS main GEMM it runs without the GEMM, as an in-place ``y += u Bᵀ`` epilogue.
+  once. With the cuBLAS main GEMM it runs without the GEMM and writes the seed ``y = u Bᵀ + bias``,
+  onto which cuBLAS accumulates ``x Wᵀ`` (``addmm_``, beta = 1).
 * **small-M** ``_lora_fwd_small_m_kernel`` (M <= 64, decode): ``x Wᵀ`` and ``x̂ Aᵀ`` in the same
   K loop, then ``+ (s·x̂Aᵀ) Bᵀ + bias``; nothing intermediate goes to global memory (u is
   written once by the first column of programs, because backward needs it).
@@ -25,7 +26,8 @@ Kernels:
 * **B2** ``_lora_dx_kernel``: GEMM ``dY W`` with the epilogue ``+ m ⊙ (du A)/(1-p)``; the same
   program loads the x tile and mask of its output tile and adds ``duᵀ (m ⊙ x)/(1-p)`` into
   ``dA`` (fp32 atomics). With ``needs_grad_x=False`` the same kernel runs without the GEMM
-  (dA only); with the cuBLAS main GEMM it runs as an in-place epilogue on ``dY W``.
+  (dA only); with the cuBLAS main GEMM it runs without the GEMM, writing the seed
+  ``m ⊙ (du A)/(1-p)`` onto which cuBLAS accumulates ``dY W``.
 
 Precision. Dots accumulate in fp32 and take their operands in x's dtype DT; fp32 inputs use
 ``input_precision="ieee"`` (true fp32 products). With fp16/bf16 x and fp32 LoRA params (the
@@ -304,7 +306,6 @@ def _lora_down_kernel(
     prune_configs_by=_pruned(
         _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_N"))
     ),
-    restore_value=["y_ptr"],
 )
 @triton.jit
 def _lora_fwd_main_kernel(
@@ -342,8 +343,8 @@ def _lora_fwd_main_kernel(
 ):
     """F2: ``y = x Wᵀ + u Bᵀ + bias`` with one write of y; grid (cdiv(M,BM)·cdiv(N,BN),), swizzled.
 
-    Without GEMM it is the in-place epilogue of the cuBLAS path: ``y += u Bᵀ`` on the y that
-    torch computed (``x Wᵀ + bias``, already in y's dtype)."""
+    Without GEMM it writes the cuBLAS path's seed ``y = u Bᵀ + bias``, which cuBLAS then
+    accumulates ``x Wᵀ`` onto (``addmm_`` with beta = 1): y is only written here in both modes."""
     DT = x_ptr.dtype.element_ty
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -375,8 +376,6 @@ def _lora_fwd_main_kernel(
             acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
-    else:
-        acc += tl.load(y_ptr + am[:, None] * stride_ym + an[None, :] * stride_yn).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -555,12 +554,11 @@ def _lora_dy_kernel(
 
 @triton.autotune(
     configs=_backward_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "LOAD_ACC", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
     prune_configs_by=_pruned(
         _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_K"))
     ),
     reset_to_zero=["da_ptr"],
-    restore_value=["dx_ptr"],
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_dx_kernel(
@@ -595,7 +593,6 @@ def _lora_dx_kernel(
     seed,
     threshold,  # drop_threshold(p)
     GEMM: tl.constexpr,
-    LOAD_ACC: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
     COMPUTE_DA: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -610,7 +607,8 @@ def _lora_dx_kernel(
 ):
     """B2 for the output tile (rows rm, cols rk) of dX [M, K]; grid (cdiv(M,BM)·cdiv(K,BK),), swizzled.
 
-    ``dX = [dY W  (GEMM) | dX (LOAD_ACC, in-place after a cuBLAS GEMM)] + m ⊙ (du A)/(1-p)`` and,
+    ``dX = [dY W (GEMM)] + m ⊙ (du A)/(1-p)`` (without GEMM: the seed cuBLAS accumulates ``dY W``
+    onto, ``addmm_`` with beta = 1) and,
     with COMPUTE_DA, ``dA[:, rk] += duᵀ (m ⊙ x[rm, rk]) / (1-p)`` (fp32 atomics over M blocks).
     The mask is drawn once per tile and shared by both.
 
@@ -687,9 +685,6 @@ def _lora_dx_kernel(
                 acc = tl.dot(dy, w, acc, input_precision=DOT_PREC)
                 dy_ptrs += BLOCK_N * stride_dyn
                 w_ptrs += BLOCK_N * stride_wn
-        if LOAD_ACC:
-            prev = tl.load(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, mask=tile_ok, other=0.0)
-            acc += prev.to(tl.float32)
         tl.store(
             dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok
         )
@@ -754,7 +749,8 @@ _MAIN_GEMM_CHOICES = ("triton", "cublas")
 
 def choose_main_gemm(M: int, N: int, K: int, device) -> str:
     """Which implementation runs the frozen GEMM of an ``[M, K] x [K, N]`` product: "triton"
-    (the fused-epilogue kernel F2/B2) or "cublas" (torch matmul + Triton/torch epilogue).
+    (the fused-epilogue kernel F2/B2) or "cublas" (F2/B2 without their GEMM write the LoRA term,
+    then cuBLAS accumulates the frozen product onto it with ``addmm_``, beta = 1).
 
     Order: env ``LORAFAST_MAIN_GEMM`` (forces one path), then :data:`MAIN_GEMM_TABLE`
     (measurements per device and shape), else "cublas" on CUDA and "triton" elsewhere (the
@@ -762,7 +758,8 @@ def choose_main_gemm(M: int, N: int, K: int, device) -> str:
     fwd+bwd, bench/results/h200_kernel_bench.json): cuBLAS + the Triton epilogues beat the
     fused-epilogue Triton GEMM at 5 of the 6 training shapes (K=N=4096 M=8192: 1.26 vs 1.45 ms;
     K=N=5120 M=8192: 1.80 vs 2.19; K=N=8192 M=8192: 4.10 vs 4.98); the sixth (K=N=4096 M=2048)
-    flipped between two runs. Backward asks with (M, K, N):
+    flipped between two runs. (That run's cuBLAS variant ran its epilogue kernels after the GEMM,
+    reading y / dX back; the seeded variant has not been measured yet.) Backward asks with (M, K, N):
     its output is [M, K] and it reduces over N. M <= 64 forward always uses the small-M kernel.
     """
     forced = os.environ.get("LORAFAST_MAIN_GEMM", "").strip().lower()
@@ -869,7 +866,7 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
 
 
 def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bool = True) -> None:
-    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias; with ``gemm=False``: y += u Bᵀ in place (bias ignored)."""
+    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias; with ``gemm=False``: y <- u Bᵀ + bias (the cuBLAS path's seed)."""
     M, K = x.shape
     N = weight.shape[0]
     r = lora_B.shape[1]
@@ -897,7 +894,7 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
         lora_B.stride(1),
         y.stride(0),
         y.stride(1),
-        HAS_BIAS=gemm and bias is not None,
+        HAS_BIAS=bias is not None,
         GEMM=gemm,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
@@ -951,14 +948,13 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
 
 
 def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:
-    """cuBLAS variant of F2: ``y = x Wᵀ (+ bias)`` by torch, then ``y += u Bᵀ`` by F2 as an
-    in-place epilogue (its split dots keep the fp32 LoRA term accurate; y is rounded twice, as
-    in the reference)."""
-    if bias is not None:
-        torch.addmm(bias.to(x.dtype), x, weight.t(), out=y)
-    else:
-        torch.mm(x, weight.t(), out=y)
-    _launch_fwd_main(x, weight, None, u, lora_B, y, sc, gemm=False)
+    """cuBLAS variant of F2: F2 without its GEMM writes the seed ``y = u Bᵀ + bias`` (its split
+    dots keep the fp32 LoRA term accurate), then cuBLAS accumulates onto it, ``y += x Wᵀ``
+    (``addmm_``, beta = 1: it reads the seed in its epilogue, overlapped with its main loop, where
+    a separate epilogue kernel after the GEMM would read y back and write it again). y is
+    rounded twice, as in the reference, but the first rounding is of the small LoRA term."""
+    _launch_fwd_main(x, weight, bias, u, lora_B, y, sc, gemm=False)
+    y.addmm_(x, weight.t())
 
 
 def lora_forward(
@@ -979,8 +975,8 @@ def lora_forward(
     ``(seed, row, col)``; see :func:`dropout_keep_mask`.
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
-    "triton" (F1 + F2) or "cublas" (F1 + torch GEMM + F2 as in-place epilogue). Default: "small_m" when
-    M <= 64, else :func:`choose_main_gemm`.
+    "triton" (F1 + F2) or "cublas" (F1, F2 writing the seed ``u Bᵀ + bias``, cuBLAS accumulating
+    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else :func:`choose_main_gemm`.
     """
     M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
     check_scalars(scaling, dropout_p, seed)
@@ -1051,7 +1047,7 @@ def lora_backward(
     # dA and dB: fp32 atomic targets, zeroed (separate buffers: the custom op's outputs must not alias)
     da = torch.zeros((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
     db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    # unused pointer slots get a scratch of their own (autotune's reset_to_zero/restore_value touch them)
+    # unused pointer slots get a scratch of their own (autotune's reset_to_zero touches them)
     scratch = None if needs_grad_x and needs_grad_lora else torch.zeros(1, dtype=torch.float32, device=dev)
     if M > 0:
         # ---- B1: du, dB
@@ -1084,10 +1080,8 @@ def lora_backward(
             R_PAD=r_pad,
             BLOCK_R=block_r,
         )
-        # ---- B2: dX (GEMM or in-place epilogue after cuBLAS), dA
+        # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
         use_cublas = needs_grad_x and main_gemm == "cublas"
-        if use_cublas:
-            torch.mm(grad_y, weight, out=dx)
         grid2 = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
         _lora_dx[grid2](
             grad_y,
@@ -1121,7 +1115,6 @@ def lora_backward(
             sc.seed,
             sc.threshold,
             GEMM=needs_grad_x and not use_cublas,
-            LOAD_ACC=use_cublas,
             COMPUTE_DX=needs_grad_x,
             COMPUTE_DA=needs_grad_lora,
             HAS_DROPOUT=sc.has_dropout,
@@ -1130,6 +1123,8 @@ def lora_backward(
             R_PAD=r_pad,
             BLOCK_R=min(r_pad, 32),
         )
+        if use_cublas:
+            dx.addmm_(grad_y, weight)
     elif needs_grad_x:
         dx.zero_()
     grad_A = da.to(lora_A.dtype) if da is not None else None
