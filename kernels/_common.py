@@ -227,17 +227,25 @@ def keep_mask(seed, offs_m, col_start, threshold, BLOCK_K: tl.constexpr):
 def split_fp32(v, DT: tl.constexpr, AXIS: tl.constexpr):
     """Split an fp32 tile for dots in the 16-bit dtype DT: ``v ≈ scale · (hi + lo)``.
 
-    ``scale`` is ``max |v|`` along AXIS, the dot's contracted axis (kept as a size-1 dim; 1 where
-    that is 0), so it factors out of the dot; ``hi = (v/scale).to(DT)`` and
-    ``lo = (v/scale - hi).to(DT)``. hi + lo carries 2 x 11 (fp16) or 2 x 8 (bf16) significant
-    bits, and the scaling keeps fp16's small exponent range from flushing small values (LoRA B
-    starts at 0, so B and du are tiny early in training) into subnormals.
+    fp16: ``scale`` is ``max |v|`` along AXIS, the dot's contracted axis (kept as a size-1 dim; 1
+    where that is 0), so it factors out of the dot; ``hi = (v/scale).to(DT)`` and
+    ``lo = (v/scale - hi).to(DT)``: the scaling keeps fp16's small exponent range from flushing
+    small values (LoRA B starts at 0, so B and du are tiny early in training) into subnormals.
+    bf16 has fp32's exponent range, so there ``scale`` is 1 and ``hi = v.to(DT)``,
+    ``lo = (v - hi).to(DT)``: no max-reduction across the tile (a cross-warp reduction through
+    shared memory, once per loop iteration in F1, B1 and the small-M kernel), no division.
+    hi + lo carries 2 x 11 (fp16) or 2 x 8 (bf16) significant bits.
     """
-    amax = tl.max(tl.abs(v), axis=AXIS, keep_dims=True)
-    scale = tl.where(amax > 0, amax, 1.0)
-    w = v / scale
-    hi = w.to(DT)
-    lo = (w - hi.to(tl.float32)).to(DT)
+    if DT == tl.bfloat16:
+        hi = v.to(DT)
+        lo = (v - hi.to(tl.float32)).to(DT)
+        scale = 1.0
+    else:
+        amax = tl.max(tl.abs(v), axis=AXIS, keep_dims=True)
+        scale = tl.where(amax > 0, amax, 1.0)
+        w = v / scale
+        hi = w.to(DT)
+        lo = (w - hi.to(tl.float32)).to(DT)
     return hi, lo, scale
 
 

@@ -34,9 +34,10 @@ Precision. Dots accumulate in fp32 and take their operands in x's dtype DT; fp32
 default, as PEFT, which computes the whole LoRA branch in fp32) the constexpr ``SPLIT_LORA``
 (:func:`~lorafast.kernels._common.needs_split`) turns on the "split" (bf16x2) trick: every
 fp32 operand v (A, B, u, du) goes in as ``v ≈ scale·(hi + lo)`` with ``hi = (v/scale).to(DT)``,
-``lo = (v/scale - hi).to(DT)`` and ``scale = max|v|`` along the contracted axis (keeps fp16's
-small exponent range from flushing small B / du; a plain split leaves dA with 2e-2 relative
-error at B ~ 1e-6), and the dot becomes two (``a·hi + a·lo``) against the other operand, which
+``lo = (v/scale - hi).to(DT)`` and, in fp16, ``scale = max|v|`` along the contracted axis (keeps
+fp16's small exponent range from flushing small B / du; a plain split leaves dA with 2e-2
+relative error at B ~ 1e-6); bf16 has fp32's exponent range and splits with scale 1 (no
+max-reduction per tile), and the dot becomes two (``a·hi + a·lo``) against the other operand, which
 is exact in DT (x, x̂ = m ⊙ x with 1/(1-p) applied in fp32 after the dot, dY): F1's u and the
 small-M kernel's x̂Aᵀ (split A), B1's du (split B) and dB (split u), B2's dA (split du). The y
 epilogue ``u Bᵀ`` and the dX epilogue ``du A`` have two fp32 operands: both are split and three
@@ -58,7 +59,10 @@ two-kernel path)::
     bf16 torch   1.3e-6   3.5e-2   3.2e-3   6.8e-6   2.5e-6
 
 fp16 hi + lo carry 22 significant bits: u, dA, dB match the fp32 reference. bf16 hi + lo carry
-16: about 10x the fp32 error, ~1000x below the single cast's. The epilogues: a single dot on the DT
+16: about 10x the fp32 error, ~1000x below the single cast's (the rows above were measured with
+the max-scale in bf16 too; without it the max errors of u, dA, dB are 10-25% larger, mean over
+six seeds 1.46e-5 / 6.6e-5 / 2.8e-5 -> 1.84e-5 / 7.4e-5 / 3.0e-5: the scale made each column's
+largest element exact, which no longer pays for a cross-warp reduction per loop iteration). The epilogues: a single dot on the DT
 casts of u and B (du and A) left y up to 1.5x (fp16) and dX up to 2.2x (bf16) the reference's
 error (y 5.4e-3 vs 3.7e-3, dX 6.9e-3 vs 3.2e-3); the three-dot split brings both to the
 reference's error, so the epilogues split too.
@@ -618,7 +622,9 @@ def _lora_dx_kernel(
     fp16 x with fp32 LoRA 255 regs + 384 / 392 B spilled before, 247 / 244 regs and no spill
     after; fp32 x 1216 -> 904 B; 256-wide tiles and 4-warp 128-row tiles at R_PAD 256 still spill
     (~2.4 KB); so does dropout without dA (needs_grad_lora=False), where the mask is computed
-    while acc is live.
+    while acc is live. Now (the cuBLAS seed mode instead of LOAD_ACC, bf16 splits without the
+    max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded before and
+    after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
     """
     DT = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
