@@ -1,9 +1,11 @@
-"""Ahead-of-time compile check of lorafast's Triton kernels for sm_90 (H100/H200), no GPU needed.
+"""Ahead-of-time compile check of lorafast's Triton kernels for sm_90 (H100/H200) or another
+NVIDIA architecture (``--arch 80``: A100, ``86``/``89``: RTX 30xx/40xx, L4), no GPU needed.
 
 The Triton interpreter (``TRITON_INTERPRET=1``, what the CPU test suite runs) does not enforce the
 GPU compiler's rules (dot dims, layouts, shared memory, registers), so this script compiles every
-kernel launch for ``GPUTarget("cuda", 90, 32)`` down to a cubin with the ptxas bundled in the
-triton wheel and checks each against the Hopper per-block shared-memory limit.
+kernel launch for ``GPUTarget("cuda", ARCH, 32)`` down to a cubin with the ptxas bundled in the
+triton wheel and checks each against that architecture's per-block shared-memory limit. The
+launches are pruned for that architecture too (its config family and shared memory).
 
 How the launches are found: the public launchers (``lora_forward``, ``lora_backward``,
 ``lora_merge_``, ``dropout_keep_mask``) run on ``meta`` tensors with every kernel's ``run``
@@ -16,9 +18,9 @@ compiled (a process pool, ``--jobs``).
 Run WITHOUT ``TRITON_INTERPRET`` (the config lists are chosen at import: one config under the
 interpreter, all of them otherwise; ``LORAFAST_AUTOTUNE=0`` keeps only the default)::
 
-    python bench/compile_check.py [--subset full|quick|ci] [--json OUT] [--jobs N]
+    python bench/compile_check.py [--subset full|quick|ci] [--arch 80|86|89|90] [--json OUT] [--jobs N]
 
-``full`` (default, ~1000 compiles, hours on 2 cores): see :func:`scenarios`. ``quick`` (54
+``full`` (default, ~1000 compiles, hours on 2 cores): see :func:`scenarios`. ``quick`` (~50
 compiles): every kernel's default config on fp32, bf16, fp16 + fp32 LoRA and bf16 + fp32 LoRA,
 and every config of the heaviest 16-bit case (split dots, R_PAD 256). ``ci`` (11 compiles,
 tests/test_kernels_compile.py): the default config of every kernel on the split path, the
@@ -45,9 +47,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-#: sm_90 (H100 / H200): the opt-in per-block shared-memory limit, 227 KiB.
-SM90_MAX_SHARED = 232448
-TARGET_ARCH = 90
+#: The architectures --arch accepts (their shared-memory limits: lorafast.kernels._common.SMEM_PER_BLOCK).
+ARCHES = (80, 86, 89, 90)
 
 _F32, _F16, _BF16 = "float32", "float16", "bfloat16"
 #: (x dtype, LoRA parameter dtype) pairs: unsplit, and the SPLIT_LORA path (16-bit x, fp32 LoRA).
@@ -88,6 +89,7 @@ class CompileJob:
     config: str
     label: str
     key: str = ""
+    arch: int = 90  # compute capability as major * 10 + minor
 
 
 @dataclass
@@ -295,14 +297,42 @@ def _label(jit_fn, constexprs: dict, signature: dict) -> str:
     return f"{x_ty[1:]} " + " ".join(flags)
 
 
-def collect_jobs(subset: str) -> list[CompileJob]:
-    """Record every scenario's launches and expand them into deduplicated compile jobs."""
+def smem_limit(arch: int) -> int:
+    """Opt-in shared memory per block of ``sm_{arch}`` in bytes."""
+    from lorafast.kernels._common import SMEM_PER_BLOCK
+
+    return SMEM_PER_BLOCK[divmod(arch, 10)]
+
+
+@contextlib.contextmanager
+def _target_arch(arch: int) -> Iterator[None]:
+    """``LORAFAST_TARGET_ARCH`` set to ``arch`` inside the block (restored after)."""
+    previous = os.environ.get("LORAFAST_TARGET_ARCH")
+    os.environ["LORAFAST_TARGET_ARCH"] = str(arch)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LORAFAST_TARGET_ARCH"]
+        else:
+            os.environ["LORAFAST_TARGET_ARCH"] = previous
+
+
+def collect_jobs(subset: str, arch: int = 90) -> list[CompileJob]:
+    """Record every scenario's launches and expand them into deduplicated compile jobs for
+    ``sm_{arch}``: the prunes pick that architecture's configs and shared-memory budget (the
+    recorded launches are on ``meta`` tensors, which the kernels prune for ``LORAFAST_TARGET_ARCH``)."""
     launches: list = []
-    with recording(launches):
+    with recording(launches), _target_arch(arch):
         for sc in scenarios(subset):
             first = len(launches)
             run_scenario(sc)
             launches[first:] = [(launch, sc.all_configs) for launch in launches[first:]]
+        expanded = _expand(launches, arch)
+    return expanded
+
+
+def _expand(launches: list, arch: int) -> list[CompileJob]:
     objs = _kernel_objects()
     jobs: dict[str, CompileJob] = {}
     for (name, args, kwargs), all_configs in launches:
@@ -315,7 +345,14 @@ def collect_jobs(subset: str) -> list[CompileJob]:
             signature, constexprs, attrs = _specialize(jit_fn, bound)
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
             job = CompileJob(
-                name, signature, constexprs, attrs, options, _describe(config), _label(jit_fn, constexprs, signature)
+                name,
+                signature,
+                constexprs,
+                attrs,
+                options,
+                _describe(config),
+                _label(jit_fn, constexprs, signature),
+                arch=arch,
             )
             job.key = json.dumps([name, signature, sorted(constexprs.items()), sorted(attrs.items()), options])
             jobs.setdefault(job.key, job)
@@ -340,7 +377,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
 
 
 def compile_job(job: CompileJob) -> CompileResult:
-    """Compile one job for sm_90 (to a cubin) and read its resource usage."""
+    """Compile one job for sm_{job.arch} (to a cubin) and read its resource usage."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -355,14 +392,14 @@ def compile_job(job: CompileJob) -> CompileResult:
             {(int(i),): v for i, v in job.constexprs.items()},
             {(int(i),): v for i, v in job.attrs.items()},
         )
-        compiled = triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=job.options)
+        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
         result.shared = int(compiled.metadata.shared)
         result.n_regs, result.local_bytes, result.static_shared = _resource_usage(compiled.asm["cubin"])
         result.ok = True
     except Exception as exc:  # every compiler failure is a result to report, not a crash
         result.error = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
     result.seconds = round(time.perf_counter() - start, 2)
-    result.fits = result.ok and result.shared + result.static_shared <= SM90_MAX_SHARED
+    result.fits = result.ok and result.shared + result.static_shared <= smem_limit(job.arch)
     return result
 
 
@@ -429,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=SUBSETS, default="full", help="which launches (see module docstring)")
     parser.add_argument("--json", metavar="OUT", help="write every result as JSON to OUT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
+    parser.add_argument("--arch", type=int, choices=ARCHES, default=90, help="target sm_ARCH (default 90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: under the interpreter the kernels carry only one config each")
@@ -439,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot compile for CUDA: {reason}", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.6's default, silences 3.9's warning
-    jobs = collect_jobs(args.subset)
-    print(f"compiling {len(jobs)} kernel specializations for sm_{TARGET_ARCH} with {args.jobs} processes ...")
+    jobs = collect_jobs(args.subset, args.arch)
+    limit = smem_limit(args.arch)
+    print(f"compiling {len(jobs)} kernel specializations for sm_{args.arch} with {args.jobs} processes ...")
     start = time.perf_counter()
     results = compile_all(jobs, args.jobs)
     print(format_table(results))
@@ -451,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{kernel:<34} compiled {s['compiled']:>4}  failed {s['failed']:>3}  over SMEM {s['over_smem']:>3}  "
             f"max smem {s['max_smem']:>7} B  max regs {s['max_regs']:>3}  spilling {s['spilling']:>3}"
         )
-    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s; SMEM limit {SM90_MAX_SHARED} B (sm_90)")
+    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s; SMEM limit {limit} B (sm_{args.arch})")
     if args.json:
-        payload = {"target": f"sm_{TARGET_ARCH}", "smem_limit": SM90_MAX_SHARED, "summary": per_kernel,
+        payload = {"target": f"sm_{args.arch}", "smem_limit": limit, "summary": per_kernel,
                    "results": [asdict(r) for r in results]}  # fmt: skip
         out_dir = os.path.dirname(os.path.abspath(args.json))
         with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as f:

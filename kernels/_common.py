@@ -71,6 +71,46 @@ def needs_split(x_dtype: torch.dtype, *lora_params: torch.Tensor) -> bool:
     return x_dtype != torch.float32 and any(t.dtype != x_dtype for t in lora_params)
 
 
+#: Opt-in shared memory per block (bytes) by compute capability (CUDA programming guide,
+#: technical specifications): for devices Triton's driver cannot ask, i.e. the ``meta`` tensors
+#: bench/compile_check.py records launches with.
+SMEM_PER_BLOCK = {
+    (8, 0): 166912,  # A100
+    (8, 6): 101376,  # RTX 30xx, A10, A40
+    (8, 7): 166912,  # Jetson Orin
+    (8, 9): 101376,  # RTX 40xx, L4, L40
+    (9, 0): 232448,  # H100, H200
+    (10, 0): 232448,  # B200
+    (12, 0): 101376,  # RTX 50xx
+}
+#: The architecture launches on non-CUDA tensors are pruned for (``LORAFAST_TARGET_ARCH``, e.g. "86").
+_DEFAULT_TARGET_ARCH = "90"
+
+
+def device_arch(device: torch.device) -> tuple[int, int]:
+    """Compute capability the kernels launch on: the CUDA device's own; for tensors elsewhere
+    (``meta``: bench/compile_check.py) ``LORAFAST_TARGET_ARCH`` ("90" unless set)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    major, minor = divmod(int(os.environ.get("LORAFAST_TARGET_ARCH", _DEFAULT_TARGET_ARCH)), 10)
+    return major, minor
+
+
+def arch_family(arch: tuple[int, int]) -> str:
+    """Which config family suits the architecture: "hopper" for sm_90 and sm_100 (warpgroup MMA,
+    227 KiB of shared memory per block), "ampere" for the rest (sm_80-89, sm_120: mma.sync)."""
+    return "hopper" if arch[0] in (9, 10) else "ampere"
+
+
+def smem_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` in bytes: Triton's driver for CUDA devices,
+    else :data:`SMEM_PER_BLOCK` of :func:`device_arch` (sm_80's where unknown)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    return SMEM_PER_BLOCK.get(device_arch(device), SMEM_PER_BLOCK[(8, 0)])
+
+
 class TunedLauncher:
     """Launch a ``triton.autotune``'d kernel, paying the autotuner's per-call Python once per key.
 

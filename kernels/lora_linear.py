@@ -77,6 +77,7 @@ order, hence the last bits of dA/dB, can vary from run to run.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +88,14 @@ from ._common import (
     MAX_RANK,
     SMALL_M_MAX,
     TunedLauncher,
+    arch_family,
     autotune_enabled,
     cdiv,
     check_2d,
     check_float,
     check_same_device,
     check_scalars,
+    device_arch,
     dot_fp32_both,
     dot_fp32_lhs,
     dot_fp32_rhs,
@@ -105,155 +108,236 @@ from ._common import (
     needs_split,
     next_pow2,
     padded_rank,
+    smem_limit,
     stride_safe,
 )
 
 # ============================================================================ autotune configs
+#
+# Each kernel's configs come per architecture family (``_common.arch_family``: "hopper" for sm_90
+# and sm_100, "ampere" for sm_80-89 and sm_120), the first of a family being its default. The
+# autotuner holds their union; the kernel's early prune (``Tuning.prune``) keeps the launching
+# device's family, drops tiles larger than the problem and configs whose estimated shared memory
+# exceeds the device's, and with LORAFAST_AUTOTUNE=0 keeps only the first survivor.
 
 
 def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def _gemm_configs(bn_name: str) -> list[triton.Config]:
-    """Main-GEMM tiles (the matmul tutorial's Hopper/Ampere set). ``bn_name`` is the output
-    column block's name (BLOCK_N in F2, BLOCK_K in B2, whose reduction block is BLOCK_N)."""
-    red = "BLOCK_K" if bn_name == "BLOCK_N" else "BLOCK_N"
+def _element_bytes(args: dict, name: str) -> int:
+    """Element size of the tensor argument ``name`` of a launch (4 if absent)."""
+    return args[name].element_size() if name in args else 4
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How one kernel is autotuned and pruned.
+
+    ``configs``: candidates per family (see above). ``dims`` maps a block name to the kernel
+    argument it tiles (e.g. ``{"BLOCK_M": "M_BUCKET"}``): a block is kept if it is
+    <= max(16, next_pow2(dim)). ``smem(config, args)``: the bytes of the config's pipelined
+    tiles for the launch ``args``; a config is kept if that is <= ``headroom`` x the device's
+    opt-in shared memory per block (``_common.smem_limit``). The estimates track what
+    bench/compile_check.py measures on sm_90 within ~5% (F1, B1, the GEMMs in 16-bit; the fp32
+    GEMMs allocate a third less than estimated), hence ``headroom`` 0.9; the small-M estimate
+    leaves out the staged hi/lo copies of A, hence its 0.7. ``output_tile`` names the two blocks
+    of a GEMM's fp32 accumulator: above rank 64 (``R_PAD`` > 64) configs whose accumulator holds
+    more than 64 elements per thread are dropped when any other survives (with the rank-r
+    epilogue beside it they spilled 2.4-2.6 KB per thread: the 256-wide tiles, and 128x128 with 4
+    warps). If no candidate fits, ``fallback``, else the candidate with the smallest estimate.
+    """
+
+    configs: dict[str, list[triton.Config]]
+    dims: dict[str, str]
+    smem: Callable[[triton.Config, dict], int]
+    headroom: float = 0.9
+    output_tile: tuple[str, str] | None = None
+    fallback: triton.Config | None = None
+
+    def all_configs(self) -> list[triton.Config]:
+        """Every family's configs once (the autotuner's list)."""
+        union: dict[int, triton.Config] = {}
+        for configs in self.configs.values():
+            union.update((id(c), c) for c in configs)
+        return list(union.values())
+
+    def prune(self, configs, named_args: dict, **kwargs) -> list[triton.Config]:
+        """The early prune (``configs``, the autotuner's union, is not needed: see ``self.configs``)."""
+        args = {**named_args, **kwargs}
+        device = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).device
+        candidates = self.configs[arch_family(device_arch(device))]
+        limits = {blk: max(16, next_pow2(int(args[arg]))) for blk, arg in self.dims.items() if arg in args}
+        kept = [c for c in candidates if all(c.kwargs.get(b, 0) <= lim for b, lim in limits.items())]
+        if not kept:
+            kept = [min(candidates, key=lambda c: sum(c.kwargs.get(b, 0) for b in limits))]
+        if self.output_tile is not None and int(args.get("R_PAD", 16)) > 64:
+            rows, cols = self.output_tile
+            kept = [c for c in kept if c.kwargs[rows] * c.kwargs[cols] <= 64 * 32 * c.num_warps] or kept
+        budget = self.headroom * smem_limit(device)
+        fitting = [c for c in kept if self.smem(c, args) <= budget]
+        if fitting:
+            return fitting
+        return [self.fallback] if self.fallback is not None else [min(kept, key=lambda c: self.smem(c, args))]
+
+    def prune_configs_by(self) -> dict:
+        """``prune_configs_by`` for ``triton.autotune``: :meth:`prune`, and with
+        ``LORAFAST_AUTOTUNE=0`` only the first config it keeps (the default for that launch), so
+        GPU test runs skip autotuning's compiles and benchmarks.
+
+        Why not a one-config list instead: with a single config the autotuner never calls
+        ``early_config_prune`` (triton 3.6-3.9), so a default that does not fit the launch ran
+        anyway. That is the likely cause of the one failure of the first H200 run (its message
+        was lost; it was the only fp32 small-M case at BLOCK_M 64): the small-M kernel's default
+        64x128 tiles need 248 KiB of shared memory there (sm_90 allows 227;
+        bench/compile_check.py), where the prune keeps a 32x32 config of 22 KiB.
+        """
+
+        def early_config_prune(configs, named_args, **kwargs):
+            kept = self.prune(configs, named_args, **kwargs)
+            return kept if autotune_enabled() else kept[:1]
+
+        return {"early_config_prune": early_config_prune}
+
+
+def _per_family(make, shapes: dict[str, list[tuple]]) -> dict[str, list[triton.Config]]:
+    """``{family: [make(*shape) ...]}``; a shape two families share is one Config object. Under the
+    interpreter every family gets the single ``make(interpreter=True)`` config."""
     if interpreting():
-        return [_cfg(num_stages=1, BLOCK_M=32, **{bn_name: 32, red: 32}, GROUP_M=4)]
-    shapes = [  # (BM, BN, BK, warps, stages)
-        (128, 128, 64, 8, 3),  # first: the default when autotuning is off (if the prune keeps it)
+        return dict.fromkeys(shapes, [make(interpreter=True)])
+    made: dict[tuple, triton.Config] = {}
+    return {
+        family: [made.setdefault(shape, make(*shape)) for shape in family_shapes]
+        for family, family_shapes in shapes.items()
+    }
+
+
+#: Main-GEMM tiles (BM, BN, BK, warps, stages), the first of each family its default. Hopper: the
+#: matmul tutorial's Hopper-sized tiles (warpgroup MMA wants 64-row slices per warpgroup and BK 64).
+#: Ampere: the tutorial's list for mma.sync (BK 32, deeper pipelines) with 64x128x32 first: B2's
+#: heavier epilogue spills with every 128x128 tile there (sm_80: 1.3 KB at 4 warps, 360 B at 8),
+#: 64x128 compiles without (sm_80 / sm_86, bench/compile_check.py --arch).
+_GEMM_TILES = {
+    "hopper": [
+        (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
-    ]
-    return [_cfg(w, s, BLOCK_M=bm, **{bn_name: bn, red: bk}, GROUP_M=8) for bm, bn, bk, w, s in shapes]
+    ],
+    "ampere": [
+        (64, 128, 32, 4, 4),
+        (128, 128, 32, 4, 4),
+        (128, 256, 64, 8, 3),
+        (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (128, 32, 32, 4, 4),
+        (64, 32, 32, 2, 5),
+        (32, 64, 32, 2, 5),
+    ],
+}
 
 
-def _forward_configs() -> list[triton.Config]:
-    """F2 (x Wᵀ + epilogue) configs."""
-    return _gemm_configs("BLOCK_N")
+def _gemm_tuning(out_cols: str) -> Tuning:
+    """F2 (``out_cols`` "BLOCK_N": output [BM, BN], reduction BLOCK_K) or B2 ("BLOCK_K": output
+    [BM, BK], reduction BLOCK_N). Estimate: ``stages · (BM + out_cols) · reduction · sizeof(x)``
+    with the GEMM on (the two pipelined operand tiles), 0 without (the cuBLAS path's seed)."""
+    red = "BLOCK_K" if out_cols == "BLOCK_N" else "BLOCK_N"
+
+    def make(bm=32, bn=32, bk=32, warps=4, stages=1, interpreter=False):
+        return _cfg(warps, stages, BLOCK_M=bm, **{out_cols: bn, red: bk}, GROUP_M=4 if interpreter else 8)
+
+    def smem(c, args):
+        if not args.get("GEMM", True):
+            return 0
+        return c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs[out_cols]) * c.kwargs[red] * _element_bytes(args, "w_ptr")
+
+    dims = {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}
+    return Tuning(_per_family(make, _GEMM_TILES), dims, smem, output_tile=("BLOCK_M", out_cols))
 
 
-def _backward_configs() -> list[triton.Config]:
-    """B2 (dY W + epilogue, dA) configs: output tile BLOCK_M x BLOCK_K, reduction BLOCK_N."""
-    return _gemm_configs("BLOCK_K")
+def _two_block_make(block_names: tuple[str, str]):
+    """Config maker for a kernel tiled by two blocks: ``make(block0, block1, warps, stages)``;
+    under the interpreter one 32x32 single-stage config."""
+
+    def make(b0=32, b1=32, warps=4, stages=1, interpreter=False):
+        return _cfg(warps, stages, **dict(zip(block_names, (b0, b1), strict=True)))
+
+    return make
 
 
-def _two_block_configs(block_names: tuple[str, str], shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Configs of a kernel tiled by two blocks; ``shapes`` are (block0, block1, warps, stages), the
-    first being the default. Under the interpreter: one 32x32 single-stage config."""
-    if interpreting():
-        return [_cfg(num_stages=1, **dict.fromkeys(block_names, 32))]
-    return [_cfg(w, s, **dict(zip(block_names, (b0, b1), strict=True))) for b0, b1, w, s in shapes]
+def _same_for_all_families(shapes: list[tuple]) -> dict[str, list[tuple]]:
+    return dict.fromkeys(("hopper", "ampere"), shapes)
 
 
-def _down_configs() -> list[triton.Config]:
-    """F1 (u = s x̂ Aᵀ): a skinny GEMM bound by reading x."""
-    return _two_block_configs(
-        ("BLOCK_M", "BLOCK_K"), [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
-    )
-
-
-def _dy_configs() -> list[triton.Config]:
-    """B1 (du, dB from one pass over dY)."""
-    return _two_block_configs(
-        ("BLOCK_M", "BLOCK_N"), [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-    )
-
-
-def _small_m_configs() -> list[triton.Config]:
-    """Small-M fused forward: bound by reading W; small BLOCK_N gives more programs. The default
-    BLOCK_N 32 gives 128 programs at N = 4096 (132 SMs on an H100/H200) and compiles without
-    spills at M = 1, 16, 64 in bf16 / fp16 / fp32 (sm_90, bench/compile_check.py); the previous
-    default, 64x128, spilled 32 B in its main loop in bf16 at M = 1 (255 registers)."""
-    shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
-    return _two_block_configs(("BLOCK_N", "BLOCK_K"), shapes)
-
-
-def _pruned(prune) -> dict:
-    """``prune_configs_by`` for ``triton.autotune``: the early prune ``prune``, and with
-    ``LORAFAST_AUTOTUNE=0`` only the first config it keeps (the default for that launch), so GPU
-    test runs skip autotuning's compiles and benchmarks.
-
-    Why not a one-config list instead: with a single config the autotuner never calls
-    ``early_config_prune`` (triton 3.6-3.9), so a default that does not fit the launch ran
-    anyway. That is the likely cause of the one failure of the first H200 run (its message was
-    lost; it was the only fp32 small-M case at BLOCK_M 64): the small-M kernel's default 64x128
-    tiles need 248 KiB of shared memory there (sm_90 allows 227; bench/compile_check.py), where
-    the prune keeps a 32x32 config of 22 KiB.
-    """
-
-    def early_config_prune(configs, named_args, **kwargs):
-        kept = prune(configs, named_args, **kwargs)
-        return kept if autotune_enabled() else kept[:1]
-
-    return {"early_config_prune": early_config_prune}
-
-
-def _prune_factory(dims: dict[str, str], output_tile: tuple[str, str] | None = None):
-    """Build an ``early_config_prune`` dropping configs whose tiles exceed the problem.
-
-    ``dims`` maps a block name to the kernel argument it tiles (e.g. ``{"BLOCK_M": "M_BUCKET"}``).
-    A block is kept if it is <= max(16, next_pow2(dim)); if nothing survives, the config with the
-    smallest tiles is kept.
-
-    ``output_tile`` names the two blocks of a GEMM kernel's fp32 accumulator. Above rank 64
-    (``R_PAD`` > 64) configs whose accumulator holds more than 64 elements per thread are dropped
-    (when any other survives): with the rank-r epilogue beside it they spilled 2.4-2.6 KB per
-    thread in bench/compile_check.py (the 256-wide tiles, and 128x128 with 4 warps).
-    """
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        limits = {blk: max(16, next_pow2(int(args[arg]))) for blk, arg in dims.items() if arg in args}
-        kept = [c for c in configs if all(c.kwargs.get(b, 0) <= lim for b, lim in limits.items())]
-        if not kept:
-            kept = [min(configs, key=lambda c: sum(c.kwargs.get(b, 0) for b in limits))]
-        if output_tile is not None and int(args.get("R_PAD", 16)) > 64:
-            rows, cols = output_tile
-            light = [c for c in kept if c.kwargs[rows] * c.kwargs[cols] <= 64 * 32 * c.num_warps]
-            kept = light or kept
-        return kept
-
-    return prune
-
-
-_small_m_dims_prune = _prune_factory({"BLOCK_N": "N", "BLOCK_K": "K"})
-
-
-def _small_m_prune(configs, named_args, **kwargs):
-    """Tile pruning plus an SMEM bound: the pipelined x, W and Aᵀ tiles (``R_PAD`` up to 256)
-    must fit. Estimate: ``stages · ((BM·BK + BK·BN)·sizeof(x) + BK·R_PAD·sizeof(A)) <= 160 KiB``
-    (headroom below sm_90's 227 KiB). The element sizes matter: with 2 bytes for everything the
-    bound let through an fp32 config that needs 249 KiB and, with fp32 A (split dots, whose hi/lo
-    parts are staged too), an R_PAD 256 one that needs 231 KiB (bench/compile_check.py, sm_90)."""
-    kept = _small_m_dims_prune(configs, named_args, **kwargs)
-    bm, r_pad = int(kwargs.get("BLOCK_M", 16)), int(kwargs.get("R_PAD", 16))
-    x_bytes = named_args["x_ptr"].element_size() if "x_ptr" in named_args else 4
-    a_bytes = named_args["a_ptr"].element_size() if "a_ptr" in named_args else 4
-
-    def smem(c):
-        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return max(c.num_stages, 1) * ((bm * bk + bk * bn) * x_bytes + bk * r_pad * a_bytes)
-
-    fitting = [c for c in kept if smem(c) <= 160 * 1024]
-    if fitting:
-        return fitting
-    # large R_PAD (up to 256): a narrow, shallow pipeline always fits
-    return [_cfg(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_K=32)]
+#: F1 (u = s x̂ Aᵀ), a skinny GEMM bound by reading x: pipelined x [BM, BK] and Aᵀ [BK, BLOCK_R] tiles.
+_DOWN_TUNING = Tuning(
+    _per_family(
+        _two_block_make(("BLOCK_M", "BLOCK_K")),
+        _same_for_all_families([(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]),
+    ),
+    {"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"},
+    lambda c, args: (
+        c.num_stages
+        * c.kwargs["BLOCK_K"]
+        * (c.kwargs["BLOCK_M"] * _element_bytes(args, "x_ptr") + args["BLOCK_R"] * _element_bytes(args, "a_ptr"))
+    ),
+    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_K=64),  # R_PAD >= 64 on 99 KiB parts (sm_86/89)
+)
+_FORWARD_TUNING = _gemm_tuning("BLOCK_N")
+_BACKWARD_TUNING = _gemm_tuning("BLOCK_K")
+#: B1 (du, dB from one pass over dY): pipelined dY [BM, BN] and B [BN, BLOCK_R] tiles.
+_DY_TUNING = Tuning(
+    _per_family(
+        _two_block_make(("BLOCK_M", "BLOCK_N")),
+        _same_for_all_families([(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]),
+    ),
+    {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"},
+    lambda c, args: (
+        c.num_stages
+        * c.kwargs["BLOCK_N"]
+        * (c.kwargs["BLOCK_M"] * _element_bytes(args, "dy_ptr") + args["BLOCK_R"] * _element_bytes(args, "b_ptr"))
+    ),
+    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=64),  # R_PAD >= 64 on 99 KiB parts (sm_86/89)
+)
+#: Small-M fused forward: bound by reading W; small BLOCK_N gives more programs. The default
+#: BLOCK_N 32 gives 128 programs at N = 4096 (132 SMs on an H100/H200) and compiles without spills
+#: at M = 1, 16, 64 in bf16 / fp16 / fp32 (sm_90, bench/compile_check.py); the previous default,
+#: 64x128, spilled 32 B in its main loop in bf16 at M = 1 (255 registers). Estimate: the pipelined
+#: x, W and Aᵀ tiles, ``stages · ((BM·BK + BK·BN)·sizeof(x) + BK·R_PAD·sizeof(A))`` with 0.7 of
+#: the shared memory (sm_90: 159 KiB): with 2 bytes for everything a bound let through an fp32
+#: config that needs 249 KiB and, with fp32 A (split dots, whose hi/lo parts are staged too), an
+#: R_PAD 256 one that needs 231 KiB. At large R_PAD nothing fits: a narrow, shallow pipeline does.
+_SMALL_M_TUNING = Tuning(
+    _per_family(
+        _two_block_make(("BLOCK_N", "BLOCK_K")),
+        _same_for_all_families(
+            [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
+        ),
+    ),
+    {"BLOCK_N": "N", "BLOCK_K": "K"},
+    lambda c, args: (
+        max(c.num_stages, 1)
+        * c.kwargs["BLOCK_K"]
+        * (
+            (args["BLOCK_M"] + c.kwargs["BLOCK_N"]) * _element_bytes(args, "x_ptr")
+            + args["R_PAD"] * _element_bytes(args, "a_ptr")
+        )
+    ),
+    headroom=0.7,
+    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_K=32),
+)
 
 
 # ============================================================================ kernels
 
 
 @triton.autotune(
-    configs=_down_configs(),
+    configs=_DOWN_TUNING.all_configs(),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
-    prune_configs_by=_pruned(_prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"})),
+    prune_configs_by=_DOWN_TUNING.prune_configs_by(),
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_down_kernel(
@@ -308,11 +392,9 @@ def _lora_down_kernel(
 
 
 @triton.autotune(
-    configs=_forward_configs(),
+    configs=_FORWARD_TUNING.all_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
-    prune_configs_by=_pruned(
-        _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_N"))
-    ),
+    prune_configs_by=_FORWARD_TUNING.prune_configs_by(),
 )
 @triton.jit
 def _lora_fwd_main_kernel(
@@ -387,9 +469,9 @@ def _lora_fwd_main_kernel(
 
 
 @triton.autotune(
-    configs=_small_m_configs(),
+    configs=_SMALL_M_TUNING.all_configs(),
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
-    prune_configs_by=_pruned(_small_m_prune),
+    prune_configs_by=_SMALL_M_TUNING.prune_configs_by(),
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_fwd_small_m_kernel(
@@ -476,9 +558,9 @@ def _lora_fwd_small_m_kernel(
 
 
 @triton.autotune(
-    configs=_dy_configs(),
+    configs=_DY_TUNING.all_configs(),
     key=["M_BUCKET", "N", "R_PAD", "COMPUTE_DB"],
-    prune_configs_by=_pruned(_prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"})),
+    prune_configs_by=_DY_TUNING.prune_configs_by(),
     reset_to_zero=["db_ptr"],
 )
 @triton.jit
@@ -560,11 +642,9 @@ def _lora_dy_kernel(
 
 
 @triton.autotune(
-    configs=_backward_configs(),
+    configs=_BACKWARD_TUNING.all_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
-    prune_configs_by=_pruned(
-        _prune_factory({"BLOCK_M": "M_BUCKET", "BLOCK_N": "N", "BLOCK_K": "K"}, output_tile=("BLOCK_M", "BLOCK_K"))
-    ),
+    prune_configs_by=_BACKWARD_TUNING.prune_configs_by(),
     reset_to_zero=["da_ptr"],
 )
 @triton.jit(do_not_specialize=["seed", "threshold"])

@@ -1,10 +1,13 @@
-"""The Triton kernels compile for sm_90 (H100/H200) and fit its shared memory, checked without a GPU.
+"""The Triton kernels compile for sm_90 (H100/H200) and sm_86 (RTX 30xx, A10: 99 KiB of shared
+memory, the least of the architectures lorafast tunes for) and fit their shared memory, checked
+without a GPU.
 
 The CPU suite runs the kernels through Triton's interpreter, which enforces none of the GPU
 compiler's rules; this test compiles bench/compile_check.py's ``ci`` subset (every kernel's
 default config on the split-dot path, the small-M kernel at R_PAD 256, the B2 dropout variant that
-once failed) ahead of time for ``cuda:90`` down to a cubin. It runs in a subprocess because
-conftest.py sets ``TRITON_INTERPRET=1`` and the kernels pick their configs at import.
+once failed), pruned for each architecture, ahead of time down to a cubin. It runs in a
+subprocess because conftest.py sets ``TRITON_INTERPRET=1`` and the kernels pick their configs at
+import.
 """
 
 import json
@@ -30,13 +33,17 @@ EXPECTED_KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def compile_report(tmp_path_factory) -> dict:
+#: Opt-in shared memory per block of the architectures checked (the CUDA programming guide's).
+SMEM_LIMITS = {90: 232448, 86: 101376}
+
+
+@pytest.fixture(scope="module", params=sorted(SMEM_LIMITS, reverse=True), ids=lambda arch: f"sm_{arch}")
+def compile_report(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORAFAST_AUTOTUNE"] = "1"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--subset", "ci", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--subset", "ci", "--arch", str(request.param), "--json", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -51,26 +58,27 @@ def compile_report(tmp_path_factory) -> dict:
         )
     report = json.loads(out.read_text())
     report["returncode"] = proc.returncode
+    report["arch"] = request.param
     report["stdout"] = proc.stdout
     return report
 
 
-def test_every_kernel_compiles_for_sm90(compile_report):
+def test_every_kernel_compiles(compile_report):
     results = compile_report["results"]
     assert {r["kernel"] for r in results} == EXPECTED_KERNELS
     failed = [f"{r['kernel']} [{r['label']}] {r['config']}: {r['error']}" for r in results if not r["ok"]]
     assert not failed, "\n".join(failed)
 
 
-def test_every_kernel_fits_sm90_shared_memory(compile_report):
+def test_every_kernel_fits_shared_memory(compile_report):
     limit = compile_report["smem_limit"]
-    assert limit == 232448
+    assert compile_report["target"] == f"sm_{compile_report['arch']}" and limit == SMEM_LIMITS[compile_report["arch"]]
     over = [
         f"{r['kernel']} [{r['label']}] {r['config']}: {r['shared'] + r['static_shared']} B"
         for r in compile_report["results"]
         if r["ok"] and r["shared"] + r["static_shared"] > limit
     ]
-    assert not over, f"over the sm_90 limit of {limit} B:\n" + "\n".join(over)
+    assert not over, f"over the {compile_report['target']} limit of {limit} B:\n" + "\n".join(over)
     assert compile_report["returncode"] == 0, compile_report["stdout"][-3000:]
 
 
@@ -85,7 +93,7 @@ def test_ci_subset_covers_split_rank_256_and_dropout_paths(compile_report):
 #: Run in a subprocess with LORAFAST_AUTOTUNE=0 and no interpreter: records, for every launch of
 #: compile_check's scenarios, the config the launchers hand to the JIT (through the autotuner or
 #: its memo, kernels._common.TunedLauncher) and the configs the kernel's early prune keeps when
-#: autotuning is on.
+#: autotuning is on. The launches are on meta tensors: they are pruned for LORAFAST_TARGET_ARCH.
 _UNTUNED_CHOICES = r"""
 import json, os, sys
 sys.path.insert(0, "bench")
@@ -123,13 +131,25 @@ print(json.dumps(report))
 """
 
 
-def test_untuned_launches_run_a_config_the_prune_keeps():
+#: The main GEMMs' (F2, B2) documented defaults per architecture family (kernels/lora_linear.py's
+#: _GEMM_TILES): what the 4096-wide launches of the quick scenarios must run.
+GEMM_DEFAULTS = {
+    90: {"M=128,N=128,K=64 w8 s3", "M=128,K=128,N=64 w8 s3"},
+    86: {"M=64,N=128,K=32 w4 s4", "M=64,K=128,N=32 w4 s4"},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(GEMM_DEFAULTS, reverse=True))
+def test_untuned_launches_run_a_config_the_prune_keeps(arch):
     """``LORAFAST_AUTOTUNE=0`` (the GPU test runs) must launch the first config the kernel's prune
     keeps, never a config it drops: the autotuner skips the prune when it holds a single config,
     and the small-M kernel's unpruned fp32 default needs 248 KiB of shared memory at BLOCK_M 64,
-    the likely cause of the first H200 run's one failure. The three extra launches are that case, R_PAD 256 and r=130."""
+    the likely cause of the first H200 run's one failure. The three extra launches are that case,
+    R_PAD 256 and r=130. Pruned for sm_90 the main GEMMs run the Hopper family's defaults, for
+    sm_86 the Ampere family's."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORAFAST_AUTOTUNE"] = "0"
+    env["LORAFAST_TARGET_ARCH"] = str(arch)
     proc = subprocess.run(
         [sys.executable, "-c", _UNTUNED_CHOICES], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -145,4 +165,6 @@ def test_untuned_launches_run_a_config_the_prune_keeps():
         for row in report
         if row["ran"] != row["kept"][0]
     ]
+    gemm_ran = {row["ran"] for row in report if row["kernel"].endswith(("_fwd_main_kernel", "_dx_kernel"))}
+    assert GEMM_DEFAULTS[arch] <= gemm_ran, f"sm_{arch}: the main GEMMs ran {sorted(gemm_ran)}"
     assert not wrong, "\n".join(wrong)

@@ -1,7 +1,8 @@
-"""kernels._common.TunedLauncher: the autotuner once per key, then the JIT function with its choice.
+"""Launch helpers of kernels._common: TunedLauncher (the autotuner once per key, then the JIT
+function with its choice) and the architecture lookups the prunes use.
 
-Checked with a stand-in autotuner that records calls (the real one is exercised by every
-interpreter test and, with its real prune, by tests/test_kernels_compile.py).
+TunedLauncher is checked with a stand-in autotuner that records calls (the real one is exercised
+by every interpreter test and, with its real prune, by tests/test_kernels_compile.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from lorafast.kernels._common import TunedLauncher
+from lorafast.kernels._common import SMEM_PER_BLOCK, TunedLauncher, arch_family, device_arch, smem_limit
 
 
 class FakeAutotuner:
@@ -68,3 +69,15 @@ def test_nothing_is_memoized_when_a_tool_replaces_run():
     _call(launcher, 300)
     _call(launcher, 300)
     assert len(recorded) == 2 and len(fake.direct) == 0
+
+
+def test_architecture_families_and_shared_memory(monkeypatch):
+    assert [arch_family(a) for a in [(9, 0), (10, 0)]] == ["hopper", "hopper"]
+    assert [arch_family(a) for a in [(8, 0), (8, 6), (8, 9), (12, 0)]] == ["ampere"] * 4
+    meta = torch.device("meta")  # not a CUDA device: pruned for LORAFAST_TARGET_ARCH, sm_90 unless set
+    monkeypatch.delenv("LORAFAST_TARGET_ARCH", raising=False)
+    assert device_arch(meta) == (9, 0) and smem_limit(meta) == 232448
+    monkeypatch.setenv("LORAFAST_TARGET_ARCH", "86")
+    assert device_arch(meta) == (8, 6) and smem_limit(meta) == 101376
+    monkeypatch.setenv("LORAFAST_TARGET_ARCH", "75")  # not in the table: sm_80's
+    assert smem_limit(meta) == SMEM_PER_BLOCK[(8, 0)] == 166912
