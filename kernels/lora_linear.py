@@ -272,36 +272,39 @@ def _same_for_all_families(shapes: list[tuple]) -> dict[str, list[tuple]]:
     return dict.fromkeys(("hopper", "ampere"), shapes)
 
 
-#: F1 (u = s x̂ Aᵀ), a skinny GEMM bound by reading x: pipelined x [BM, BK] and Aᵀ [BK, BLOCK_R] tiles.
-_DOWN_TUNING = Tuning(
-    _per_family(
-        _two_block_make(("BLOCK_M", "BLOCK_K")),
-        _same_for_all_families([(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]),
-    ),
+def _streaming_tuning(blocks: tuple[str, str], streamed: str, factor: str, dims: dict, shapes: list) -> Tuning:
+    """F1 / B1: skinny GEMMs bound by reading x / dY. Each loop step loads a ``blocks`` tile of
+    the ``streamed`` input and a [blocks[1], BLOCK_R] tile of the LoRA ``factor`` (A / B); the
+    estimate is ``stages · blocks[1] · (blocks[0] · sizeof(streamed) + BLOCK_R · sizeof(factor))``.
+    The same candidates for every family; the fallback is for R_PAD >= 64 on 99 KiB parts (sm_86/89)."""
+    rows, cols = blocks
+
+    def smem(c, args):
+        row_bytes = c.kwargs[rows] * _element_bytes(args, streamed) + args["BLOCK_R"] * _element_bytes(args, factor)
+        return c.num_stages * c.kwargs[cols] * row_bytes
+
+    fallback = _cfg(num_warps=4, num_stages=2, **{rows: 32, cols: 64})
+    return Tuning(_per_family(_two_block_make(blocks), _same_for_all_families(shapes)), dims, smem, fallback=fallback)
+
+
+#: F1 (u = s x̂ Aᵀ): x [BM, BK] and Aᵀ [BK, BLOCK_R] tiles.
+_DOWN_TUNING = _streaming_tuning(
+    ("BLOCK_M", "BLOCK_K"),
+    "x_ptr",
+    "a_ptr",
     {"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"},
-    lambda c, args: (
-        c.num_stages
-        * c.kwargs["BLOCK_K"]
-        * (c.kwargs["BLOCK_M"] * _element_bytes(args, "x_ptr") + args["BLOCK_R"] * _element_bytes(args, "a_ptr"))
-    ),
-    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_K=64),  # R_PAD >= 64 on 99 KiB parts (sm_86/89)
+    [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)],
+)
+#: B1 (du, dB from one pass over dY): dY [BM, BN] and B [BN, BLOCK_R] tiles.
+_DY_TUNING = _streaming_tuning(
+    ("BLOCK_M", "BLOCK_N"),
+    "dy_ptr",
+    "b_ptr",
+    {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"},
+    [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
 )
 _FORWARD_TUNING = _gemm_tuning("BLOCK_N")
 _BACKWARD_TUNING = _gemm_tuning("BLOCK_K")
-#: B1 (du, dB from one pass over dY): pipelined dY [BM, BN] and B [BN, BLOCK_R] tiles.
-_DY_TUNING = Tuning(
-    _per_family(
-        _two_block_make(("BLOCK_M", "BLOCK_N")),
-        _same_for_all_families([(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]),
-    ),
-    {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"},
-    lambda c, args: (
-        c.num_stages
-        * c.kwargs["BLOCK_N"]
-        * (c.kwargs["BLOCK_M"] * _element_bytes(args, "dy_ptr") + args["BLOCK_R"] * _element_bytes(args, "b_ptr"))
-    ),
-    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_M=32, BLOCK_N=64),  # R_PAD >= 64 on 99 KiB parts (sm_86/89)
-)
 #: Small-M fused forward: bound by reading W; small BLOCK_N gives more programs. The default
 #: BLOCK_N 32 gives 128 programs at N = 4096 (132 SMs on an H100/H200) and compiles without spills
 #: at M = 1, 16, 64 in bf16 / fp16 / fp32 (sm_90, bench/compile_check.py); the previous default,

@@ -6,11 +6,12 @@ first H200 run lost its one failure's message that way).
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from bench_scripts import load_bench_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_test_summary.py"
@@ -32,10 +33,7 @@ FAILED tests/test_kernels.py::test_gpu_small_odd_shapes[default-M33-K72-N24-r16]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_test_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_test_summary")
 
 
 def test_summary_keeps_failure_messages_and_counts_a_timed_out_shard(tmp_path):

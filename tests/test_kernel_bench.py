@@ -8,7 +8,6 @@ their bookkeeping is checked here with fake profiler events.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,16 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bench_scripts import load_bench_script
 from torch.autograd import DeviceType
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "kernel_bench.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("kernel_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("kernel_bench")
 
 
 def test_dry_run_writes_every_row(tmp_path):
