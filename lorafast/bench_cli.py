@@ -18,6 +18,8 @@ from lorafast.benchmark import (
 )
 from lorafast.benchmark_suite import full_plan, missing_package, quick_plan, run_plan
 
+#: Exit status of a run interrupted by SIGINT (the shell's 128 + 2), after writing the rows it has.
+INTERRUPTED = 130
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
             print(
                 "lorafast bench: the full matrix at Llama-8B sizes takes hours on a CPU; use --quick", file=sys.stderr
             )
-    rows, copy_gbps = run_plan(plan, device, dtype, show_progress=not args.no_progress)
+    rows, copy_gbps, interrupted = run_plan(plan, device, dtype, show_progress=not args.no_progress)
+    if interrupted:
+        print(f"lorafast bench: interrupted; reporting the {len(rows)} rows measured before", file=sys.stderr)
+    if interrupted and not rows:
+        return INTERRUPTED
     first = rows[0]
     print(
         f"device: {first.device} | dtype: {first.dtype} | copy bandwidth: {copy_gbps:.1f} GB/s | "
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if outputs["json"]:
-        write_json(rows, outputs["json"], copy_gbps)
+        write_json(rows, outputs["json"], copy_gbps, complete=not interrupted)
     if outputs["csv"]:
         write_csv(rows, outputs["csv"])
     if outputs["plot"]:
@@ -108,4 +114,4 @@ def run(args: argparse.Namespace) -> int:
     errors = [row for row in rows if row.status.startswith("error")]
     for row in errors:
         print(f"lorafast bench: {row.provider} failed on {row.case} ({row.mode}): {row.status}", file=sys.stderr)
-    return 1 if errors else 0
+    return INTERRUPTED if interrupted else 1 if errors else 0

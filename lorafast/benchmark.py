@@ -404,10 +404,14 @@ def rows_as_dicts(rows: Iterable[BenchRow]) -> list[dict]:
     return [dataclasses.asdict(row) for row in rows]
 
 
-def write_json(rows: Sequence[BenchRow], path: str | os.PathLike, copy_gbps: float | None = None) -> None:
-    """``{"copy_bandwidth_gbps": ..., "rows": [...]}``, written atomically."""
+def write_json(
+    rows: Sequence[BenchRow], path: str | os.PathLike, copy_gbps: float | None = None, complete: bool = True
+) -> None:
+    """``{"copy_bandwidth_gbps": ..., "complete": ..., "rows": [...]}``, written atomically;
+    ``complete`` is False for the rows of an interrupted run."""
     with atomic_output(path) as handle:
-        json.dump({"copy_bandwidth_gbps": copy_gbps, "rows": rows_as_dicts(rows)}, handle, indent=1)
+        payload = {"copy_bandwidth_gbps": copy_gbps, "complete": complete, "rows": rows_as_dicts(rows)}
+        json.dump(payload, handle, indent=1)
         handle.write("\n")
 
 

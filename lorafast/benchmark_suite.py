@@ -685,7 +685,10 @@ class Runner:
         return layer + len(plan.train_steps) * sum(provider.adapts_models for provider in self.providers)
 
     def run(self, plan: Plan, show_progress: bool = True) -> list[BenchRow]:
+        """The plan's rows. Interrupted (Ctrl-C, or SIGINT from bench/gpu_check.sh's stage timeout),
+        it returns the rows of the cases finished so far and sets ``self.interrupted``."""
         rows: list[BenchRow] = []
+        self.interrupted = False
         with progress_bar(self.measurement_count(plan), show_progress) as self.progress:
             try:
                 for sweep in plan.sweeps:
@@ -695,6 +698,8 @@ class Runner:
                 for case in plan.train_steps:
                     self._show(case.label)
                     rows += self.run_train_step(case)
+            except KeyboardInterrupt:
+                self.interrupted = True
             finally:
                 self.progress = None
         fill_relative_metrics(rows)
@@ -859,7 +864,9 @@ class Runner:
 
 def run_plan(
     plan: Plan, device: torch.device, dtype: torch.dtype, show_progress: bool = True
-) -> tuple[list[BenchRow], float]:
-    """Run ``plan``; returns the rows (ratios filled in) and the measured copy bandwidth in GB/s."""
+) -> tuple[list[BenchRow], float, bool]:
+    """Run ``plan``; returns the rows (ratios filled in), the measured copy bandwidth in GB/s and
+    whether the run was interrupted (the rows then are the cases finished before)."""
     runner = Runner(device, dtype, plan.budget)
-    return runner.run(plan, show_progress), runner.copy_gbps
+    rows = runner.run(plan, show_progress)
+    return rows, runner.copy_gbps, runner.interrupted

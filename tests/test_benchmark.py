@@ -461,6 +461,32 @@ def test_cli_bench_quick_writes_rows_table_and_plot(tmp_path, monkeypatch, capsy
     assert out.startswith("device: CPU") and "skipped: the Triton backend needs CUDA" in out
 
 
+def test_cli_bench_interrupted_writes_the_finished_cases_and_exits_130(tmp_path, monkeypatch, capsys):
+    """SIGINT (bench/gpu_check.sh's stage timeout) during the second case: the first case's rows
+    are printed and written, marked incomplete, and the exit status says interrupted."""
+    monkeypatch.setattr("lorafast.bench_cli.quick_plan", _tiny_plan)
+    real_run_layer_case = Runner.run_layer_case
+    cases_started = []
+
+    def interrupt_second_case(self, case, modes):
+        cases_started.append(case)
+        if len(cases_started) == 2:
+            raise KeyboardInterrupt
+        return real_run_layer_case(self, case, modes)
+
+    monkeypatch.setattr(Runner, "run_layer_case", interrupt_second_case)
+    json_path = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--no-progress", "--json", str(json_path)]
+    assert cli.main(argv) == 130
+    written = json.loads(json_path.read_text())
+    assert written["complete"] is False
+    assert {(row["mode"], row["status"]) for row in written["rows"] if row["provider"] == "base"} == {
+        ("forward+backward", "ok")
+    }
+    captured = capsys.readouterr()
+    assert "interrupted; reporting the" in captured.err and captured.out.startswith("device: CPU")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cli_bench_cuda_without_gpu_fails_clearly(capsys):
     assert cli.main(["bench", "--device", "cuda"]) == 2
