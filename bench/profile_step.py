@@ -152,15 +152,17 @@ def main(argv=None) -> int:
         "case": case.label,
         "providers": {},
     }
+    json_path = None if args.json is None else benchmark.check_output_path(args.json, (".json",))
     for provider in providers:
         row = profile_provider(provider, base_model, case, input_ids, device, budget, args.profiled_steps)
         results["providers"][provider.name] = row
         print(f"{provider.name:18} step {row['wall_ms']:8.3f} ms   host {row['host_ms']:8.3f} ms", flush=True)
         for fn in row["top_functions"][:8]:
             print(f"    {fn['own_us_per_step']:9.1f} us/step own  {fn['calls_per_step']:7.1f} calls  {fn['function']}")
-    if args.json is not None:
-        with benchmark.atomic_output(benchmark.check_output_path(args.json, (".json",))) as out:
-            json.dump(results, out, indent=2)
+        if json_path is not None:  # after each provider: a run cut short keeps what it profiled
+            with benchmark.atomic_output(json_path) as out:
+                json.dump(results, out, indent=2)
+    if json_path is not None:
         print(f"wrote {args.json}")
     return 0
 
