@@ -572,11 +572,13 @@ def _lora_dy_kernel(
     b_ptr,
     u_ptr,
     du_ptr,
-    db_ptr,  # dY [M,N], B [N,r], u [M,r], du [M,r] fp32, dB [N,r] fp32 (zeroed)
+    db_ptr,
+    da_ptr,  # dY [M,N], B [N,r], u [M,r], du [M,r] fp32, dB [N,r] fp32 (zeroed), dA [r,K] fp32 (cleared here)
     M,
     N,
     R,
     M_BUCKET,
+    da_numel,
     stride_dym,
     stride_dyn,
     stride_bn,
@@ -593,12 +595,17 @@ def _lora_dy_kernel(
     SPLIT_LORA: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """B1: one pass over dY. ``du[m, j] = s Σ_n dY[m,n] B[n,j]`` reduced over N in registers;
     ``dB[n, j] += Σ_{m in block} dY[m,n] u[m,j]`` per M block by fp32 atomics.
     Grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R).
+
+    With COMPUTE_DB it also clears dA (``da_numel`` contiguous fp32), which B2 accumulates with
+    atomics after this kernel on the same stream: that saves the backward a memset launch. Each
+    program clears its contiguous share, ``ZERO_BLOCK`` elements a store.
 
     Each program walks the column blocks starting at its own (``pid_m`` mod their number) and
     wrapping around: programs run in lockstep, so from block 0 every program of the wave (up to
@@ -618,6 +625,12 @@ def _lora_dy_kernel(
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     first_block = pid_m % num_n_blocks
     if COMPUTE_DB:
+        share = tl.cdiv(da_numel, tl.num_programs(0) * tl.num_programs(1))
+        share_start = (pid_m * tl.num_programs(1) + pid_r) * share  # int64
+        for offset in range(0, share, ZERO_BLOCK):
+            idx = share_start + offset + tl.arange(0, ZERO_BLOCK)
+            zeros = tl.zeros((ZERO_BLOCK,), dtype=tl.float32)
+            tl.store(da_ptr + idx, zeros, mask=(idx < share_start + share) & (idx < da_numel))
         u = tl.load(
             u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0
         )
@@ -1136,8 +1149,9 @@ def lora_backward(
     r_pad = padded_rank(r)
     du = torch.empty((M, r), dtype=torch.float32, device=dev)
     dx = torch.empty((M, K), dtype=x.dtype, device=dev) if needs_grad_x else None
-    # dA and dB: fp32 atomic targets, zeroed (separate buffers: the custom op's outputs must not alias)
-    da = torch.zeros((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    # dA and dB: fp32 atomic targets (separate buffers: the custom op's outputs must not alias);
+    # dB zeroed here, dA by B1
+    da = torch.empty((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
     db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
     # unused pointer slots get a scratch of their own (autotune's reset_to_zero touches them)
     scratch = None if needs_grad_x and needs_grad_lora else torch.zeros(1, dtype=torch.float32, device=dev)
@@ -1150,11 +1164,13 @@ def lora_backward(
             lora_B,
             u,
             du,
-            db if db is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r]
+            db if db is not None else scratch,
+            da if da is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r], [r,K]
             M,
             N,
             r,
             m_bucket(M),
+            da.numel() if da is not None else 0,
             grad_y.stride(0),
             grad_y.stride(1),
             lora_B.stride(0),
@@ -1171,6 +1187,7 @@ def lora_backward(
             SPLIT_LORA=sc.split_lora,
             R_PAD=r_pad,
             BLOCK_R=block_r,
+            ZERO_BLOCK=1024,
         )
         # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
         use_cublas = needs_grad_x and main_gemm == "cublas"
@@ -1217,8 +1234,10 @@ def lora_backward(
         )
         if use_cublas:
             dx.addmm_(grad_y, weight)
-    elif needs_grad_x:
-        dx.zero_()
+    else:  # no rows: nothing to launch, the gradients are zeros
+        for grad in (dx, da):
+            if grad is not None:
+                grad.zero_()
     grad_A = da.to(lora_A.dtype) if da is not None else None
     grad_B = db.to(lora_B.dtype) if db is not None else None
     return dx, grad_A, grad_B

@@ -221,6 +221,30 @@ def test_needs_grad_flags(flags):
             assert_close(got, want, F32)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [0, 33, 70])
+def test_every_output_element_is_written(M, monkeypatch):
+    """The launchers allocate their outputs with ``torch.empty`` (dA too: B1 clears it, no memset):
+    filled with NaN first, every element must still come out right, on both main-GEMM paths."""
+    x, w, b, a, bb, dy = make_inputs(M, 40, 24, 8, F32, True)
+    expected = [lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="triton")]
+    expected.append(lora_backward(dy, x, w, a, bb, expected[0][1], 2.0, 0.1, 9, main_gemm="triton"))
+    real_empty = torch.empty
+
+    def nan_filled_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_filled_empty)
+    for path in ("triton", "cublas"):
+        y, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path=path)
+        grads = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 9, main_gemm=path)
+        for got, want in zip((y, u, *grads), (*expected[0], *expected[1]), strict=True):
+            assert not got.isnan().any(), path
+            assert_close(got, want, F32)
+    assert torch.equal(grads[1], torch.zeros_like(grads[1])) == (M == 0)
+
+
 # ----------------------------------------------------------------------------- dropout mask
 
 
