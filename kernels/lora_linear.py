@@ -721,9 +721,9 @@ def _lora_dx_kernel(
     fp16 x with fp32 LoRA 255 regs + 384 / 392 B spilled before, 247 / 244 regs and no spill
     after; fp32 x 1216 -> 904 B; 256-wide tiles and 4-warp 128-row tiles at R_PAD 256 still spill
     (~2.4 KB); so does dropout without dA (needs_grad_lora=False), where the mask is computed
-    while acc is live. Now (the cuBLAS seed mode instead of LOAD_ACC, bf16 splits without the
-    max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded before and
-    after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
+    while acc is live. Now (the cuBLAS seed mode instead of an in-place epilogue, bf16 splits
+    without the max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded
+    before and after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
     """
     DT = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
