@@ -96,10 +96,15 @@ def device_arch(device: torch.device) -> tuple[int, int]:
     return major, minor
 
 
+#: The config families the kernels' autotune candidates come in (:func:`arch_family`).
+ARCH_FAMILIES = ("hopper", "ampere")
+
+
 def arch_family(arch: tuple[int, int]) -> str:
     """Which config family suits the architecture: "hopper" for sm_90 and sm_100 (warpgroup MMA,
     227 KiB of shared memory per block), "ampere" for the rest (sm_80-89, sm_120: mma.sync)."""
-    return "hopper" if arch[0] in (9, 10) else "ampere"
+    hopper, ampere = ARCH_FAMILIES
+    return hopper if arch[0] in (9, 10) else ampere
 
 
 def smem_limit(device: torch.device) -> int:

@@ -85,6 +85,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ARCH_FAMILIES,
     MAX_RANK,
     SMALL_M_MAX,
     TunedLauncher,
@@ -269,7 +270,7 @@ def _two_block_make(block_names: tuple[str, str]):
 
 
 def _same_for_all_families(shapes: list[tuple]) -> dict[str, list[tuple]]:
-    return dict.fromkeys(("hopper", "ampere"), shapes)
+    return dict.fromkeys(ARCH_FAMILIES, shapes)
 
 
 def _streaming_tuning(blocks: tuple[str, str], streamed: str, factor: str, dims: dict, shapes: list) -> Tuning:
