@@ -75,11 +75,11 @@ def use_triton(device: torch.device) -> bool:
     return True
 
 
-def _keep_mask(seed: torch.Tensor, x: torch.Tensor, dropout_p: float) -> torch.Tensor | None:
+def _keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout)."""
     if dropout_p == 0.0:
         return None
-    return reference.dropout_keep_mask(int(seed), tuple(x.shape), dropout_p, x.device)
+    return reference.dropout_keep_mask(int(seed), (M, K), dropout_p, device)
 
 
 def _lora_forward_impl(
@@ -96,7 +96,9 @@ def _lora_forward_impl(
     """``(y [M, N] in x.dtype, u [M, r] fp32)`` with ``y = x Wᵀ + bias + u Bᵀ``, ``u = s·x̂ Aᵀ``."""
     if fused:
         return _load_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
-    y, u = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _keep_mask(seed, x, dropout_p))
+    y, u = reference.lora_forward(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, _keep_mask(seed, *x.shape, dropout_p, x.device)
+    )
     return y, u.to(torch.float32)
 
 
@@ -120,40 +122,91 @@ def _lora_backward_impl(
     dropout_p: float,
     seed: torch.Tensor,  # 0-d int64 on the CPU, the forward's
     fused: bool,
+    needs_grad_x: bool,
+    needs_grad_lora: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX [M, K], dA [r, K], dB [N, r])`` of DESIGN.md §1, with the forward's dropout mask."""
+    """``(dX [M, K], dA [r, K], dB [N, r])`` of DESIGN.md §1, with the forward's dropout mask.
+
+    What is not needed (``needs_grad_x``: dX; ``needs_grad_lora``: dA and dB) is not computed:
+    without dX no ``dY W`` GEMM runs, without the LoRA gradients no pass over x; its output is
+    then an empty ``[0]`` tensor (an op's output cannot be None)."""
     if fused:
         kernels = _load_kernels()  # inputs are the forward's (validated there): skip the checks
-        return kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, int(seed), validate=False)
-    keep_mask = _keep_mask(seed, x, dropout_p)
-    return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, keep_mask)
+        grads = kernels.lora_backward(
+            grad_y,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            u,
+            scaling,
+            dropout_p,
+            int(seed),
+            needs_grad_x,
+            needs_grad_lora,
+            validate=False,
+        )
+    else:
+        keep_mask = _keep_mask(seed, grad_y.shape[0], weight.shape[1], dropout_p, grad_y.device)
+        grads = reference.lora_backward(
+            grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, keep_mask, needs_grad_x, needs_grad_lora
+        )
+    return tuple(grad if grad is not None else grad_y.new_empty(0) for grad in grads)
 
 
 lora_backward = torch.library.custom_op("lorafast::lora_backward", mutates_args=())(_lora_backward_impl)
 
 
 @lora_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused, needs_grad_x, needs_grad_lora):
+    def needed(flag: bool, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like) if flag else grad_y.new_empty(0)
+
+    return needed(needs_grad_x, x), needed(needs_grad_lora, lora_A), needed(needs_grad_lora, lora_B)
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """Save what backward needs, for the gradients that will be asked for: x only when the LoRA or
+    frozen weight gradients need it (dX needs du and the mask, not x), u only for dB."""
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fused = inputs
     _, u = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+    needs_grad = ctx.needs_input_grad
+    ctx.needs_grad_x = needs_grad[0]
+    ctx.needs_grad_lora = needs_grad[3] or needs_grad[4]
+    keep_x = ctx.needs_grad_lora or needs_grad[1]
+    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, u if ctx.needs_grad_lora else None, seed)
     ctx.hyper = (scaling, dropout_p, fused)
-    ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
+    ctx.bias_needs_grad = bias is not None and needs_grad[2]
 
 
 def _input_grads(ctx, grad_y: torch.Tensor, backward: Callable) -> tuple[torch.Tensor | None, ...]:
     """The gradients of the forward's nine inputs; ``backward`` is the backward op or its implementation."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     scaling, dropout_p, fused = ctx.hyper
-    grad_y = grad_y.to(x.dtype)
-    grad_x, grad_A, grad_B = backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused)
-    grad_weight = grad_y.t() @ x if ctx.needs_input_grad[1] else None
+    grad_y = grad_y.to(weight.dtype)
+    M = grad_y.shape[0]
+    # not saved, so not read (only dX is needed): zero-stride stand-ins of the right shape and dtype
+    if x is None:
+        x = grad_y.new_empty(()).expand(M, weight.shape[1])
+    if u is None:
+        u = grad_y.new_empty((), dtype=torch.float32).expand(M, lora_A.shape[0])
+    grad_x, grad_A, grad_B = backward(
+        grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused, ctx.needs_grad_x, ctx.needs_grad_lora
+    )
+    needs_grad = ctx.needs_input_grad
+    grad_weight = grad_y.t() @ x if needs_grad[1] else None
     grad_bias = grad_y.sum(0) if ctx.bias_needs_grad else None
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
+    return (
+        grad_x if needs_grad[0] else None,
+        grad_weight,
+        grad_bias,
+        grad_A if needs_grad[3] else None,
+        grad_B if needs_grad[4] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _backward(ctx, grad_y, grad_u):

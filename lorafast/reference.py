@@ -78,25 +78,32 @@ def lora_backward(
     scaling: float,
     dropout_p: float,
     keep_mask: torch.Tensor | None,  # [M, K] bool, required when dropout_p > 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(dX [M, K] in x.dtype, dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype)``.
+    needs_grad_x: bool = True,
+    needs_grad_lora: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Return ``(dX [M, K] in x.dtype, dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype)``,
+    None for what is not needed (``needs_grad_x``: dX; ``needs_grad_lora``: dA and dB).
 
     With ``du' = du/(1-p)``: ``dA = du'ᵀ (m ⊙ x)`` and ``dX = dY W + m ⊙ (du' A)``, the frozen
     product accumulated into the LoRA term in place when x has the LoRA dtype.
     """
     lora_dtype = lora_A.dtype
     grad_y_lora = grad_y.to(lora_dtype)
-    grad_B = (grad_y_lora.t() @ u.to(lora_dtype)).to(lora_B.dtype)
     grad_u = (grad_y_lora @ lora_B.to(lora_dtype)).mul_(scaling / (1.0 - dropout_p))  # du' [M, r]
-    grad_A = grad_u.t() @ _masked_input(x, keep_mask, lora_dtype)
-    grad_x = grad_u @ lora_A
-    if keep_mask is not None:
-        grad_x = torch.where(keep_mask, grad_x, 0.0)
-    if x.dtype == lora_dtype:
-        grad_x.addmm_(grad_y, weight)
-    else:
-        grad_x = (grad_y @ weight).to(lora_dtype).add_(grad_x)
-    return grad_x.to(x.dtype), grad_A, grad_B
+    grad_A = grad_B = grad_x = None
+    if needs_grad_lora:
+        grad_B = (grad_y_lora.t() @ u.to(lora_dtype)).to(lora_B.dtype)
+        grad_A = grad_u.t() @ _masked_input(x, keep_mask, lora_dtype)
+    if needs_grad_x:
+        grad_x = grad_u @ lora_A
+        if keep_mask is not None:
+            grad_x = torch.where(keep_mask, grad_x, 0.0)
+        if x.dtype == lora_dtype:
+            grad_x.addmm_(grad_y, weight)
+        else:
+            grad_x = (grad_y @ weight).to(lora_dtype).add_(grad_x)
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_A, grad_B
 
 
 def naive_lora_linear(

@@ -29,3 +29,43 @@ def observed_dropout_masks(M: int, K: int, dropout_p: float, device: str = "cpu"
     forward_mask, backward_mask = y.detach() != 0, x.grad != 0
     assert_close(y.detach()[forward_mask], torch.full_like(y.detach()[forward_mask], 1 / (1 - dropout_p)))
     return forward_mask, backward_mask
+
+
+def partial_gradient_run(frozen: str, backward_module, device: str = "cpu") -> dict:
+    """One forward + backward of a dropout LoRA layer with ``frozen`` ("input": x needs no
+    gradient; "adapter": A and B need none) next to the same run with every gradient, the
+    mask seeded alike. Returns the flags the backward implementation (``backward_module``'s
+    ``lora_backward``) was called with, both runs' gradients and the partial run's saved bytes."""
+    from lorafast.benchmark import saved_activation_bytes
+
+    torch.manual_seed(0)
+    layer = lorafast.LoraLinear(torch.nn.Linear(24, 40), r=4, lora_alpha=8, lora_dropout=0.2, init_lora_weights=False)
+    layer = layer.to(device).train()
+    x = torch.randn(70, 24, device=device)
+    grad_y = torch.randn(70, 40, device=device)
+
+    def run(x_needs_grad: bool, adapter_needs_grad: bool):
+        x_in = x.clone().requires_grad_(x_needs_grad)
+        layer.lora_A.requires_grad_(adapter_needs_grad)
+        layer.lora_B.requires_grad_(adapter_needs_grad)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the op's dropout seed
+        layer(x_in).backward(grad_y)
+        return x_in.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    full = run(True, True)
+    flags = []
+    implementation = backward_module.lora_backward
+
+    def recording(*args, **kwargs):
+        flags.append(args[9:11] if len(args) > 10 else (kwargs["needs_grad_x"], kwargs["needs_grad_lora"]))
+        return implementation(*args, **kwargs)
+
+    backward_module.lora_backward = recording
+    try:
+        partial = run(frozen != "input", frozen != "adapter")
+        torch.manual_seed(7)
+        saved = saved_activation_bytes(lambda: layer(x.clone().requires_grad_(frozen != "input")), layer.parameters())
+    finally:
+        backward_module.lora_backward = implementation
+    return {"flags": flags, "full": full, "partial": partial, "saved": saved, "x_bytes": x.numel() * x.element_size()}

@@ -10,7 +10,7 @@ import sys
 import peft
 import pytest
 import torch
-from probes import observed_dropout_masks
+from probes import observed_dropout_masks, partial_gradient_run
 from tolerances import assert_close
 
 import lorafast
@@ -21,7 +21,13 @@ from lorafast.benchmark import saved_activation_bytes
 def _operands(M=6, K=5, N=7, r=3, dtype=torch.float64, bias=True):
     torch.manual_seed(0)
     make = lambda *shape: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
-    return make(M, K), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype) if bias else None, make(r, K), make(N, r)
+    return (
+        make(M, K),
+        torch.randn(N, K, dtype=dtype),
+        torch.randn(N, dtype=dtype) if bias else None,
+        make(r, K),
+        make(N, r),
+    )
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -45,15 +51,29 @@ def test_gradcheck_trainable_bias_and_weight():
     )
 
 
+@pytest.mark.parametrize("needs_grad", [(True, True), (True, False), (False, True)], ids=["all", "dx", "lora"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_opcheck(dropout_p):
+def test_opcheck(dropout_p, needs_grad):
     x, weight, bias, lora_A, lora_B = _operands(dtype=torch.float32)
     seed = torch.tensor(77)
     torch.library.opcheck(ops.lora_forward, (x, weight, bias, lora_A, lora_B, 0.5, dropout_p, seed, False))
     y, u = ops.lora_forward(x, weight, bias, lora_A, lora_B, 0.5, dropout_p, seed, False)
     grad_y = torch.randn_like(y)
     torch.library.opcheck(
-        ops.lora_backward, (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), u.detach(), 0.5, dropout_p, seed, False)
+        ops.lora_backward,
+        (
+            grad_y,
+            x.detach(),
+            weight,
+            lora_A.detach(),
+            lora_B.detach(),
+            u.detach(),
+            0.5,
+            dropout_p,
+            seed,
+            False,
+            *needs_grad,
+        ),
     )
 
 
@@ -101,7 +121,10 @@ def test_dropout_matches_a_reference_that_stores_the_mask():
     mask = reference.dropout_keep_mask(seed, (9, 12), 0.3, x.device)
     assert 0 < mask.sum() < mask.numel()
     x_ref = x.detach().clone().requires_grad_(True)
-    A_ref, B_ref = layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True)
+    A_ref, B_ref = (
+        layer.lora_A.detach().clone().requires_grad_(True),
+        layer.lora_B.detach().clone().requires_grad_(True),
+    )
     y_ref = x_ref @ layer.weight.t() + layer.bias + layer.scaling * ((x_ref * mask / 0.7) @ A_ref.t()) @ B_ref.t()
     y_ref.backward(grad_y)
     assert_close(y, y_ref)
@@ -121,14 +144,43 @@ def test_saved_memory_is_x_plus_u_only_and_shared_input_saved_once():
     shared = saved_activation_bytes(lambda: [layer(x) for layer in layers], parameters)
 
     peft_layer = peft.get_peft_model(
-        torch.nn.Sequential(torch.nn.Linear(K, N, dtype=torch.bfloat16)), peft.LoraConfig(target_modules=["0"], **config)
+        torch.nn.Sequential(torch.nn.Linear(K, N, dtype=torch.bfloat16)),
+        peft.LoraConfig(target_modules=["0"], **config),
     ).train()
     peft_bytes = saved_activation_bytes(lambda: peft_layer(x), list(peft_layer.parameters()))
-    print(f"\nsaved bytes per bf16 LoRA linear, M={M} K={K} r={r} dropout 0.1: lorafast {one}, PEFT {peft_bytes}, "
-          f"x alone {x_bytes}")
+    print(
+        f"\nsaved bytes per bf16 LoRA linear, M={M} K={K} r={r} dropout 0.1: lorafast {one}, PEFT {peft_bytes}, "
+        f"x alone {x_bytes}"
+    )
     assert one <= x_bytes + u_bytes + scalars
     assert shared <= x_bytes + 3 * (u_bytes + scalars)
     assert peft_bytes > one
+
+
+@pytest.mark.parametrize("frozen", ["input", "adapter"])
+def test_backward_computes_and_saves_only_the_gradients_asked_for(frozen):
+    """x without a gradient (a frozen embedding's output): no dX, so no ``dY W``; a frozen adapter:
+    no dA / dB, and neither x nor u is kept (dX needs only du and the regenerated mask)."""
+    run = partial_gradient_run(frozen, reference)
+    assert run["flags"] == [(frozen != "input", frozen != "adapter")]
+    for got, want, name in zip(run["partial"], run["full"], ["dX", "dA", "dB"], strict=True):
+        if (name == "dX") == (frozen == "input"):
+            assert got is None, name
+        else:
+            assert torch.equal(got, want), name
+    u_bytes, seed_bytes = 70 * 4 * 4, 8
+    expected = run["x_bytes"] + u_bytes + seed_bytes if frozen == "input" else seed_bytes
+    assert run["saved"] == expected
+
+
+def test_reference_backward_skips_what_is_not_needed():
+    x, weight, _, lora_A, lora_B = (t.detach() if t is not None else t for t in _operands())
+    grad_y, u = torch.randn(6, 7, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    full = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 0.5, 0.0, None)
+    only_x = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 0.5, 0.0, None, needs_grad_lora=False)
+    only_lora = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 0.5, 0.0, None, needs_grad_x=False)
+    assert only_x[1] is None and only_x[2] is None and torch.equal(only_x[0], full[0])
+    assert only_lora[0] is None and torch.equal(only_lora[1], full[1]) and torch.equal(only_lora[2], full[2])
 
 
 def test_non_contiguous_and_3d_inputs_match_reference():

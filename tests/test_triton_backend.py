@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from kernel_harness import interpreter_bf16_fixes
-from probes import observed_dropout_masks
+from probes import observed_dropout_masks, partial_gradient_run
 from tolerances import assert_close, assert_no_less_accurate
 
 import lorafast
@@ -88,7 +88,8 @@ def test_compile_fullgraph_on_the_triton_backend():
     assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
 
 
-def test_opcheck_fused_ops():
+@pytest.mark.parametrize("needs_grad", [(True, True), (True, False), (False, True)], ids=["all", "dx", "lora"])
+def test_opcheck_fused_ops(needs_grad):
     torch.manual_seed(0)
     x, weight = torch.randn(9, 16, device=DEVICE), torch.randn(24, 16, device=DEVICE)
     lora_A = torch.randn(4, 16, device=DEVICE, requires_grad=True)
@@ -97,8 +98,21 @@ def test_opcheck_fused_ops():
     torch.library.opcheck(ops.lora_forward, (x, weight, None, lora_A, lora_B, 0.5, 0.2, seed, True))
     _, u = ops.lora_forward(x, weight, None, lora_A, lora_B, 0.5, 0.2, seed, True)
     grad_y = torch.randn(9, 24, device=DEVICE)
-    args = (grad_y, x, weight, lora_A.detach(), lora_B.detach(), u.detach(), 0.5, 0.2, seed, True)
+    args = (grad_y, x, weight, lora_A.detach(), lora_B.detach(), u.detach(), 0.5, 0.2, seed, True, *needs_grad)
     torch.library.opcheck(ops.lora_backward, args)
+
+
+@pytest.mark.parametrize("frozen", ["input", "adapter"])
+def test_fused_backward_gets_only_the_gradients_asked_for(frozen):
+    from lorafast import kernels
+
+    run = partial_gradient_run(frozen, kernels, DEVICE)
+    assert run["flags"] == [(frozen != "input", frozen != "adapter")]
+    for got, want, name in zip(run["partial"], run["full"], ["dX", "dA", "dB"], strict=True):
+        if (name == "dX") == (frozen == "input"):
+            assert got is None, name
+        else:  # the same kernels on the same tiles, less of them: dX exact, dA / dB to fp32 atomics' order
+            assert_close(got, want, torch.float32, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
