@@ -22,7 +22,7 @@ interpreter, all of them otherwise; ``LORAFAST_AUTOTUNE=0`` keeps only the defau
 
 ``full`` (default, ~1000 compiles, hours on 2 cores): see :func:`scenarios`. ``quick`` (~50
 compiles): every kernel's default config on fp32, bf16, fp16 + fp32 LoRA and bf16 + fp32 LoRA,
-and every config of the heaviest 16-bit case (split dots, R_PAD 256). ``ci`` (11 compiles,
+and every config of the heaviest 16-bit case (split dots, R_PAD 256). ``ci`` (14 compiles,
 tests/test_kernels_compile.py): the default config of every kernel on the split path, the
 small-M kernel at R_PAD 256 and in fp32 at M=33, and the B2 dropout variant that once failed to
 compile. Exit status: 0 if everything compiled and fits, 1 otherwise, 2 if this triton cannot
@@ -74,6 +74,7 @@ class Scenario:
     path: str | None = None  # forward: "small_m" | "triton" | "cublas"; backward: main_gemm
     needs_grad_x: bool = True
     needs_grad_lora: bool = True
+    reduction: str | None = None  # backward: "atomic" | "ordered" (lora_backward's default if None)
     all_configs: bool = True  # False: only the default (first) config of each autotuned launch
 
 
@@ -149,6 +150,7 @@ def scenarios(subset: str) -> list[Scenario]:
             Scenario("forward", xd, ld, 4095, 1000, 1000, 8, path="triton"),
             Scenario("forward", xd, ld, 33, 1000, 1000, 8, path="small_m"),
             Scenario("backward", xd, ld, 4095, 1000, 1000, 8, path="triton"),
+            Scenario("backward", xd, ld, 4095, 1000, 1000, 8, path="cublas", reduction="ordered"),
         ]
     out.append(Scenario("keep_mask", _F32, _F32, 4096, 0, 4096, 0))
     return out
@@ -162,6 +164,7 @@ def _all_features(xd: str, ld: str, r: int, all_configs: bool) -> list[Scenario]
         Scenario("forward", xd, ld, 64, 4096, 4096, r, path="small_m", all_configs=all_configs),
         Scenario("forward", xd, ld, **big, path="triton"),
         Scenario("backward", xd, ld, **big, path="triton"),
+        Scenario("backward", xd, ld, **big, path="cublas", reduction="ordered"),
         Scenario("merge", xd, ld, 0, 4096, 4096, r),
     ]
 
@@ -192,6 +195,7 @@ def run_scenario(sc: Scenario) -> None:
         kernels.lora_backward(
             grad_y, x, weight, lora_A, lora_B, u, 2.0, sc.dropout_p, 2**40,
             needs_grad_x=sc.needs_grad_x, needs_grad_lora=sc.needs_grad_lora, main_gemm=sc.path,
+            reduction=sc.reduction,
         )  # fmt: skip
     else:
         raise ValueError(f"unknown scenario op {sc.op!r}")

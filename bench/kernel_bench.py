@@ -8,7 +8,9 @@ Decode (no grad, dropout off): M ∈ {1, 4, 16}, K = N = 4096, fused unmerged vs
 
 For each training shape the fused op is timed with the main GEMM forced to "triton" and to
 "cublas", and with the default choice (``choose_main_gemm``); the faster path is reported as
-``best_main_gemm`` (what ``lorafast.kernels.MAIN_GEMM_TABLE`` should hold).
+``best_main_gemm`` (what ``lorafast.kernels.MAIN_GEMM_TABLE`` should hold). It is timed again
+with the backward's "ordered" reduction of dA / dB (no atomics, deterministic:
+``choose_reduction``) as ``fused_ordered_ms``; ``best_reduction`` says which was faster.
 
 Host overhead vs GPU time, for the fused op and its comparison (training: ``base`` and
 ``fused``; decode: ``merged`` and ``fused_unmerged``): ``*_ms`` is ``do_bench`` (CUDA events, so
@@ -17,7 +19,8 @@ GPU idle time waiting for the host counts), ``*_host_ms`` the time a call takes 
 (``measure_graph_time``: the call replayed from a CUDA graph; a failed capture leaves None and
 ``*_graph_error``). Host time at or above graph time means launch-bound: the one-line summary
 per shape says which. ``kernel_breakdown`` (training 8192×4096×4096 and decode M=1): device
-time per kernel of one fused call, from torch.profiler. Each row has ``elapsed_s``, the wall
+time per kernel of one fused call, from torch.profiler (training: also
+``kernel_breakdown_ordered``, the same call with the ordered reduction). Each row has ``elapsed_s``, the wall
 time it took (compiles and autotuning included).
 
     python bench/kernel_bench.py --json bench/results/kernel_bench.json     # GPU, ~2-3 min
@@ -130,15 +133,16 @@ def add_host_and_graph_times(ctx, row: dict, name: str, fn) -> None:
         row[f"{name}_graph_error"] = describe_error(exc)
 
 
-def add_kernel_breakdown(ctx, row: dict, fn) -> None:
-    """``kernel_breakdown`` of the warm ``fn`` (None on the CPU; None with ``kernel_breakdown_error`` on failure)."""
-    row["kernel_breakdown"] = None
+def add_kernel_breakdown(ctx, row: dict, fn, key: str = "kernel_breakdown") -> None:
+    """``row[key]``: the kernel breakdown of the warm ``fn`` (None on the CPU; None with
+    ``{key}_error`` on failure)."""
+    row[key] = None
     if ctx.dev != "cuda":
         return
     try:
-        row["kernel_breakdown"] = kernel_breakdown(fn)
+        row[key] = kernel_breakdown(fn)
     except Exception as exc:  # noqa: BLE001 - record why, keep benchmarking
-        row["kernel_breakdown_error"] = describe_error(exc)
+        row[f"{key}_error"] = describe_error(exc)
 
 
 def kernel_breakdown(fn, calls: int = PROFILED_CALLS) -> list[dict]:
@@ -217,15 +221,21 @@ def bench_train_shape(ctx, M, K, N) -> dict:
     def naive():
         reference.naive_lora_linear(xg, w, None, a, b, scaling, p, True).backward(dy)
 
-    def fused(path=None):
+    def fused(path=None, reduction=None):
         y, u = kernels.lora_forward(x, w, None, a.detach(), b.detach(), scaling, p, seed, path=path)
-        kernels.lora_backward(dy, x, w, a.detach(), b.detach(), u, scaling, p, seed, main_gemm=path)
+        kernels.lora_backward(
+            dy, x, w, a.detach(), b.detach(), u, scaling, p, seed, main_gemm=path, reduction=reduction
+        )
+
+    def fused_ordered():
+        fused(reduction="ordered")
 
     row["base_ms"] = bench(base)
     row["naive_ms"] = bench(naive, grad_to_none=[xg, a, b])
     row["fused_ms"] = bench(fused)
     row["fused_triton_ms"] = bench(lambda: fused("triton"))
     row["fused_cublas_ms"] = bench(lambda: fused("cublas"))
+    row["fused_ordered_ms"] = bench(fused_ordered)
     if ctx.peft_linear is not None:
         base_layer = torch.nn.Linear(K, N, bias=False, device=ctx.dev, dtype=ctx.dtype)
         with torch.no_grad():
@@ -249,11 +259,15 @@ def bench_train_shape(ctx, M, K, N) -> dict:
         "backward": kernels.choose_main_gemm(M, K, N, ctx.dev),
     }
     row["best_main_gemm"] = "triton" if row["fused_triton_ms"] <= row["fused_cublas_ms"] else "cublas"
+    row["reduction_chosen"] = kernels.choose_reduction()
+    if row["reduction_chosen"] == "atomic":
+        row["best_reduction"] = "ordered" if row["fused_ordered_ms"] < row["fused_ms"] else "atomic"
     add_host_and_graph_times(ctx, row, "base", base)
     add_host_and_graph_times(ctx, row, "fused", fused)
     row["fused_over_base_graph"] = ratio(row, "fused_graph_ms", "base_graph_ms")
     if (M, K, N) == ctx.profiled_train_shape:
         add_kernel_breakdown(ctx, row, fused)
+        add_kernel_breakdown(ctx, row, fused_ordered, "kernel_breakdown_ordered")
     return row
 
 

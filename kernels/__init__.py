@@ -4,10 +4,12 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
 
     lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
     lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
-                  needs_grad_x=True, needs_grad_lora=True) -> (grad_x, grad_A, grad_B)
+                  needs_grad_x=True, needs_grad_lora=True, *, main_gemm=None, reduction=None)
+                  -> (grad_x, grad_A, grad_B)
     dropout_keep_mask(seed, M, K, dropout_p, device) -> bool [M, K]
     lora_merge_(weight, lora_A, lora_B, scaling, sign=1.0) -> None
     choose_main_gemm(M, N, K, device) -> "triton" | "cublas"
+    choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
 
 Dots run in x's dtype with fp32 accumulation; with fp16/bf16 x and fp32 LoRA params every
 fp32 operand is split into two 16-bit parts (hi + lo), so u, dA and dB are about as accurate
@@ -15,7 +17,14 @@ as PEFT's fp32 LoRA branch (measurements in :mod:`lorafast.kernels.lora_linear`)
 """
 
 from ._common import MAX_RANK, SMALL_M_MAX
-from .lora_linear import MAIN_GEMM_TABLE, choose_main_gemm, dropout_keep_mask, lora_backward, lora_forward
+from .lora_linear import (
+    MAIN_GEMM_TABLE,
+    choose_main_gemm,
+    choose_reduction,
+    dropout_keep_mask,
+    lora_backward,
+    lora_forward,
+)
 from .merge import lora_merge_
 
 __all__ = [
@@ -23,6 +32,7 @@ __all__ = [
     "MAX_RANK",
     "SMALL_M_MAX",
     "choose_main_gemm",
+    "choose_reduction",
     "dropout_keep_mask",
     "lora_backward",
     "lora_forward",

@@ -28,6 +28,9 @@ Kernels:
   ``dA`` (fp32 atomics). With ``needs_grad_x=False`` the same kernel runs without the GEMM
   (dA only); with the cuBLAS main GEMM it runs without the GEMM, writing the seed
   ``m ⊙ (du A)/(1-p)`` onto which cuBLAS accumulates ``dY W``.
+* **ordered grads** ``_lora_ordered_grads_kernel`` (``reduction="ordered"``): dB and dA without
+  atomics, each program owning a column block of dY or x and summing its rows in order; B1 then
+  gives du only and B2 dX only.
 
 Precision. Dots accumulate in fp32 and take their operands in x's dtype DT; fp32 inputs use
 ``input_precision="ieee"`` (true fp32 products). With fp16/bf16 x and fp32 LoRA params (the
@@ -70,8 +73,10 @@ reference's error, so the epilogues split too.
 Rank r is padded to ``R_PAD = max(16, next_pow2(r))`` with masked loads (the GPU needs dot
 dims >= 16) and the epilogues loop over it in ``BLOCK_R`` chunks. Row/column offsets are int64.
 
-dB and dA use ``atomic_add`` (relaxed): fast (the targets stay in L2) but the fp32 summation
-order, hence the last bits of dA/dB, can vary from run to run.
+By default dB and dA use ``atomic_add`` (relaxed): the targets stay in L2, but the fp32
+summation order, hence the last bits of dA/dB, can vary from run to run. Under
+``torch.use_deterministic_algorithms(True)`` (or ``LORAFAST_REDUCTION=ordered``) the ordered
+kernel sums them instead: the same bits every run (:func:`choose_reduction`).
 """
 
 from __future__ import annotations
@@ -303,6 +308,16 @@ _DY_TUNING = _streaming_tuning(
     "b_ptr",
     {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"},
     [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+)
+#: The ordered LoRA gradients (dB, dA without atomics): a [BLOCK_M, BLOCK_C] panel tile of dY or
+#: x and the [BLOCK_M, BLOCK_R] rows of u or du per loop step; BLOCK_C 32-64 keeps N/BC + K/BC
+#: programs (256 at K = N = 4096, BLOCK_C 32) at one or two per SM on 132 SMs.
+_ORDERED_GRADS_TUNING = _streaming_tuning(
+    ("BLOCK_C", "BLOCK_M"),
+    "dy_ptr",
+    "u_ptr",
+    {"BLOCK_M": "M_BUCKET", "BLOCK_C": "K"},
+    [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 4)],
 )
 _FORWARD_TUNING = _gemm_tuning("BLOCK_N")
 _BACKWARD_TUNING = _gemm_tuning("BLOCK_K")
@@ -796,6 +811,130 @@ def _lora_dx_kernel(
         )
 
 
+@triton.jit
+def _column_panel_product(
+    p_ptr,
+    stride_pm,
+    stride_pc,
+    q_ptr,
+    stride_qm,
+    stride_qr,
+    o_ptr,
+    stride_oc,
+    stride_or,
+    # P [M, C] (dY or x), Q [M, R] fp32 (u or du), out [C, R] fp32 (dB, or dA through transposed strides)
+    M,
+    C,
+    R,
+    pid_c,
+    pid_r,
+    scale,
+    seed,
+    threshold,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[c, j] = scale · Σ_m (m ⊙ P)[m, c] Q[m, j]`` for the program's BLOCK_C columns c and
+    BLOCK_R ranks j, m walked in order from 0 (MASKED: the dropout keep mask of P's (row, col))."""
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = tl.arange(0, BLOCK_M)
+    c_ok = offs_c < C
+    r_ok = offs_r < R
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_c[None, :] * stride_pc
+    q_ptrs = q_ptr + offs_m[:, None] * stride_qm + offs_r[None, :] * stride_qr
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m_ok = offs_m < M - m0
+        panel = tl.load(p_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        if MASKED:
+            keep = keep_mask(seed, m0 + offs_m, pid_c * BLOCK_C, threshold, BLOCK_C)
+            panel = tl.where(keep, panel, tl.zeros_like(panel))
+        rows = tl.load(q_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_fp32_rhs(tl.trans(panel), rows, acc, DOT_PREC, SPLIT_LORA)
+        p_ptrs += BLOCK_M * stride_pm
+        q_ptrs += BLOCK_M * stride_qm
+    tl.store(
+        o_ptr + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or,
+        acc * scale,
+        mask=c_ok[:, None] & r_ok[None, :],
+    )
+
+
+@triton.autotune(
+    configs=_ORDERED_GRADS_TUNING.all_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
+    prune_configs_by=_ORDERED_GRADS_TUNING.prune_configs_by(),
+)
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _lora_ordered_grads_kernel(
+    dy_ptr,
+    u_ptr,
+    db_ptr,
+    x_ptr,
+    du_ptr,
+    da_ptr,
+    # dY [M,N], u [M,r] fp32, dB [N,r] fp32, x [M,K], du [M,r] fp32, dA [r,K] fp32
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_um,
+    stride_ur,
+    stride_dbn,
+    stride_dbr,
+    stride_xm,
+    stride_xk,
+    stride_dum,
+    stride_dur,
+    stride_dar,
+    stride_dak,
+    inv_keep,  # 1 / (1 - p)
+    seed,
+    threshold,  # drop_threshold(p)
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SPLIT_LORA: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The "ordered" LoRA gradients, no atomics: ``dB = dYᵀ u`` and ``dA = duᵀ (m ⊙ x)/(1-p)``.
+    Grid ``(cdiv(N, BC) + cdiv(K, BC), R_PAD / BLOCK_R)``: the first programs each
+    own BLOCK_C rows of dB (BLOCK_C columns of dY), the rest BLOCK_C columns of dA (of x), and
+    each sums over all M rows in one fixed order, so dA and dB are the same bits on every run
+    (what ``torch.use_deterministic_algorithms`` asks for).
+
+    Against the atomic reduction (B1's dB, B2's dA): dY is read a second time (B1 still reads it
+    for du), x is read here instead of in B2 (whose GEMM then carries no x tile, mask or dA dot),
+    and u / du are re-read once per column block (from L2: [M, r] fp32 is 512 KiB at M = 8192,
+    r = 16); no [N, r] / [r, K] fp32 atomics (2·M/BLOCK_M·(N + K)·r of them).
+    """
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    num_db_programs = tl.cdiv(N, BLOCK_C)
+    if pid < num_db_programs:
+        _column_panel_product(
+            dy_ptr, stride_dym, stride_dyn, u_ptr, stride_um, stride_ur, db_ptr, stride_dbn, stride_dbr,
+            M, N, R, pid, pid_r, 1.0, seed, threshold,
+            False, DOT_PREC, SPLIT_LORA, BLOCK_R, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
+    else:
+        _column_panel_product(
+            x_ptr, stride_xm, stride_xk, du_ptr, stride_dum, stride_dur, da_ptr, stride_dak, stride_dar,
+            M, K, R, pid - num_db_programs, pid_r, inv_keep, seed, threshold,
+            HAS_DROPOUT, DOT_PREC, SPLIT_LORA, BLOCK_R, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _keep_mask_kernel(
     out_ptr,  # [M, K] uint8 (viewed as bool)
@@ -822,6 +961,7 @@ _lora_fwd_main = TunedLauncher(_lora_fwd_main_kernel)
 _lora_fwd_small_m = TunedLauncher(_lora_fwd_small_m_kernel)
 _lora_dy = TunedLauncher(_lora_dy_kernel)
 _lora_dx = TunedLauncher(_lora_dx_kernel)
+_lora_ordered_grads = TunedLauncher(_lora_ordered_grads_kernel)
 
 
 @dataclass(frozen=True)
@@ -878,6 +1018,35 @@ def choose_main_gemm(M: int, N: int, K: int, device) -> str:
         if choice in _MAIN_GEMM_CHOICES:
             return choice
     return "cublas" if device.type == "cuda" else "triton"
+
+
+REDUCTIONS = ("atomic", "ordered")
+
+
+def choose_reduction(reduction: str | None = None) -> str:
+    """How the backward sums dA and dB over the M rows: "atomic" (B1 and B2 add per-block partial
+    sums with fp32 atomics) or "ordered" (``_lora_ordered_grads_kernel``: each program owns a
+    column block and sums the rows in one fixed order; the same bits on every run).
+
+    Order: ``reduction`` if given, else env ``LORAFAST_REDUCTION``, else "ordered" when
+    ``torch.use_deterministic_algorithms(True)`` is on and "atomic" otherwise (not yet measured
+    against each other on a GPU: bench/kernel_bench.py times both). Asking for "atomic" while
+    deterministic algorithms are on (and not ``warn_only``) raises, as PyTorch's own
+    nondeterministic ops do.
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if reduction is None:
+        forced = os.environ.get("LORAFAST_REDUCTION", "").strip().lower()
+        reduction = forced if forced else ("ordered" if deterministic else "atomic")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "atomic" and deterministic and not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(
+            "lorafast's 'atomic' LoRA-gradient reduction is not deterministic, but "
+            "torch.use_deterministic_algorithms(True) is on: use reduction='ordered' "
+            "(unset LORAFAST_REDUCTION) or turn deterministic algorithms off"
+        )
+    return reduction
 
 
 def _check_lora(x, lora_A, lora_B, K: int, N: int) -> int:
@@ -1107,6 +1276,49 @@ def lora_forward(
     return y, u
 
 
+def _launch_ordered_grads(grad_y, u, db, x, du, da, sc: LoraScalars) -> None:
+    """dB [N, r] <- dYᵀ u and dA [r, K] <- duᵀ (m ⊙ x)/(1-p), each summed over M in a fixed order."""
+    M, N = grad_y.shape
+    K = x.shape[1]
+    r = u.shape[1]
+    r_pad = padded_rank(r)
+    block_r = min(r_pad, 64)
+    grid = lambda META: (cdiv(N, META["BLOCK_C"]) + cdiv(K, META["BLOCK_C"]), r_pad // block_r)  # noqa: E731
+    _lora_ordered_grads[grid](
+        grad_y,
+        u,
+        db,
+        x,
+        du,
+        da,  # [M,N], [M,r], [N,r], [M,K], [M,r], [r,K]
+        M,
+        N,
+        K,
+        r,
+        m_bucket(M),
+        grad_y.stride(0),
+        grad_y.stride(1),
+        u.stride(0),
+        u.stride(1),
+        r,
+        1,
+        x.stride(0),
+        x.stride(1),
+        du.stride(0),
+        du.stride(1),
+        K,
+        1,
+        sc.inv_keep,
+        sc.seed,
+        sc.threshold,
+        HAS_DROPOUT=sc.has_dropout,
+        DOT_PREC=dot_precision(x.dtype),
+        SPLIT_LORA=sc.split_lora,
+        R_PAD=r_pad,
+        BLOCK_R=block_r,
+    )
+
+
 def lora_backward(
     grad_y: torch.Tensor,  # [M, N]
     x: torch.Tensor,  # [M, K]
@@ -1121,6 +1333,7 @@ def lora_backward(
     needs_grad_lora: bool = True,
     *,
     main_gemm: str | None = None,
+    reduction: str | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fused LoRA backward: returns ``(dX [M, K] x.dtype, dA [r, K] lora_A.dtype, dB [N, r] lora_B.dtype)``,
@@ -1128,6 +1341,8 @@ def lora_backward(
 
     B1: ``du = s·dY B`` and ``dB = dYᵀ u`` in one pass over dY. B2: ``dX = dY W + m ⊙ (du A)/(1-p)``
     and ``dA = duᵀ (m ⊙ x)/(1-p)`` from the same tiles (the mask regenerated from the seed).
+    With ``reduction="ordered"`` B1 gives du only, B2 dX only, and ``_lora_ordered_grads_kernel``
+    dA and dB without atomics (:func:`choose_reduction`, the default's rule).
     ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default
     :func:`choose_main_gemm` (M, K, N). ``validate=False`` skips the input checks, for callers
     whose inputs are this module's own forward's (lorafast.ops' autograd: ~20 µs of Python).
@@ -1142,6 +1357,8 @@ def lora_backward(
         main_gemm = choose_main_gemm(M, K, N, x.device)
     if main_gemm not in ("triton", "cublas"):
         raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
+    ordered = needs_grad_lora and choose_reduction(reduction) == "ordered"
+    atomic_lora = needs_grad_lora and not ordered  # dB by B1's atomics, dA by B2's
     if not (needs_grad_x or needs_grad_lora):
         return None, None, None
 
@@ -1150,12 +1367,13 @@ def lora_backward(
     r_pad = padded_rank(r)
     du = torch.empty((M, r), dtype=torch.float32, device=dev)
     dx = torch.empty((M, K), dtype=x.dtype, device=dev) if needs_grad_x else None
-    # dA and dB: fp32 atomic targets (separate buffers: the custom op's outputs must not alias);
-    # dB zeroed here, dA by B1
+    # dA and dB in fp32 (separate buffers: the custom op's outputs must not alias); as atomic
+    # targets dB is zeroed here and dA by B1; the ordered kernel writes every element
     da = torch.empty((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    db = torch.zeros((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    # unused pointer slots get a scratch of their own (autotune's reset_to_zero touches them)
-    scratch = None if needs_grad_x and needs_grad_lora else torch.zeros(1, dtype=torch.float32, device=dev)
+    db = (torch.empty if ordered else torch.zeros)((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
+    # pointer slots a launch does not use get a scratch of their own (autotune's reset_to_zero
+    # zeroes them, which must not touch dA / dB the ordered kernel wrote)
+    scratch = None if needs_grad_x and atomic_lora else torch.zeros(1, dtype=torch.float32, device=dev)
     if M > 0:
         # ---- B1: du, dB
         block_r = min(r_pad, 64)
@@ -1165,13 +1383,13 @@ def lora_backward(
             lora_B,
             u,
             du,
-            db if db is not None else scratch,
-            da if da is not None else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r], [r,K]
+            db if atomic_lora else scratch,
+            da if atomic_lora else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r], [r,K]
             M,
             N,
             r,
             m_bucket(M),
-            da.numel() if da is not None else 0,
+            da.numel() if atomic_lora else 0,
             grad_y.stride(0),
             grad_y.stride(1),
             lora_B.stride(0),
@@ -1183,60 +1401,63 @@ def lora_backward(
             r,
             1,
             sc.scaling,
-            COMPUTE_DB=needs_grad_lora,
+            COMPUTE_DB=atomic_lora,
             DOT_PREC=dot_precision(x.dtype),
             SPLIT_LORA=sc.split_lora,
             R_PAD=r_pad,
             BLOCK_R=block_r,
             ZERO_BLOCK=1024,
         )
+        if ordered:
+            _launch_ordered_grads(grad_y, u, db, x, du, da, sc)
         # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
         use_cublas = needs_grad_x and main_gemm == "cublas"
         grid2 = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-        _lora_dx[grid2](
-            grad_y,
-            weight,
-            du,
-            lora_A,
-            x,
-            dx if dx is not None else scratch,
-            da if da is not None else scratch,
-            # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
-            M,
-            N,
-            K,
-            r,
-            m_bucket(M),
-            grad_y.stride(0),
-            grad_y.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            du.stride(0),
-            du.stride(1),
-            lora_A.stride(0),
-            lora_A.stride(1),
-            x.stride(0),
-            x.stride(1),
-            K,
-            1,
-            K,
-            1,
-            sc.inv_keep,
-            sc.seed,
-            sc.threshold,
-            GEMM=needs_grad_x and not use_cublas,
-            COMPUTE_DX=needs_grad_x,
-            COMPUTE_DA=needs_grad_lora,
-            HAS_DROPOUT=sc.has_dropout,
-            DOT_PREC=dot_precision(x.dtype),
-            SPLIT_LORA=sc.split_lora,
-            R_PAD=r_pad,
-            BLOCK_R=min(r_pad, 32),
-        )
+        if needs_grad_x or atomic_lora:  # else B2 has nothing to do
+            _lora_dx[grid2](
+                grad_y,
+                weight,
+                du,
+                lora_A,
+                x,
+                dx if dx is not None else scratch,
+                da if atomic_lora else scratch,
+                # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
+                M,
+                N,
+                K,
+                r,
+                m_bucket(M),
+                grad_y.stride(0),
+                grad_y.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                du.stride(0),
+                du.stride(1),
+                lora_A.stride(0),
+                lora_A.stride(1),
+                x.stride(0),
+                x.stride(1),
+                K,
+                1,
+                K,
+                1,
+                sc.inv_keep,
+                sc.seed,
+                sc.threshold,
+                GEMM=needs_grad_x and not use_cublas,
+                COMPUTE_DX=needs_grad_x,
+                COMPUTE_DA=atomic_lora,
+                HAS_DROPOUT=sc.has_dropout,
+                DOT_PREC=dot_precision(x.dtype),
+                SPLIT_LORA=sc.split_lora,
+                R_PAD=r_pad,
+                BLOCK_R=min(r_pad, 32),
+            )
         if use_cublas:
             dx.addmm_(grad_y, weight)
     else:  # no rows: nothing to launch, the gradients are zeros
-        for grad in (dx, da):
+        for grad in (dx, da, db):
             if grad is not None:
                 grad.zero_()
     grad_A = da.to(lora_A.dtype) if da is not None else None

@@ -37,9 +37,18 @@ def test_dry_run_writes_every_row(tmp_path):
     assert len(results["train"]) == 2 and len(results["decode"]) == 2 and results["skipped_shapes"] == []
     assert set(results["not_measured"]) == {"*_graph_ms", "kernel_breakdown"}
     for row in results["train"]:
-        for key in ("base_ms", "naive_ms", "fused_ms", "fused_triton_ms", "fused_cublas_ms", "peft_ms"):
+        for key in (
+            "base_ms",
+            "naive_ms",
+            "fused_ms",
+            "fused_triton_ms",
+            "fused_cublas_ms",
+            "fused_ordered_ms",
+            "peft_ms",
+        ):
             assert row[key] > 0, key
         assert row["best_main_gemm"] in ("triton", "cublas")
+        assert row["reduction_chosen"] == "atomic" and row["best_reduction"] in ("atomic", "ordered")
         assert row["base_host_ms"] > 0 and row["fused_host_ms"] > 0 and row["elapsed_s"] > 0
         assert row["base_graph_ms"] is row["fused_graph_ms"] is row["fused_over_base_graph"] is None
     for row in results["decode"]:
@@ -49,7 +58,7 @@ def test_dry_run_writes_every_row(tmp_path):
     # the profiled shapes (stand-ins for 8192x4096x4096 and M=1) carry the field, empty on the CPU
     assert [("kernel_breakdown" in row) for row in results["train"]] == [False, True]
     assert [("kernel_breakdown" in row) for row in results["decode"]] == [True, False]
-    assert results["train"][1]["kernel_breakdown"] is None
+    assert results["train"][1]["kernel_breakdown"] is results["train"][1]["kernel_breakdown_ordered"] is None
     summaries = done.stdout[done.stdout.index("host vs GPU time per shape") :].splitlines()[1:5]
     assert [line.split()[0] for line in summaries] == ["decode", "decode", "train", "train"]
     assert all("host-bound: unknown (no graph time)" in line for line in summaries)

@@ -110,11 +110,13 @@ def lora_branch_row(dtype, lora_dtype):
     return {F16: F32, BF16: F16}[dtype]
 
 
-def run_case(M, K_, N, r, dtype, bias, p, lora_dtype, path=None, main_gemm=None, noncontig=False, device=DEVICE):
+def run_case(
+    M, K_, N, r, dtype, bias, p, lora_dtype, path=None, main_gemm=None, noncontig=False, device=DEVICE, reduction=None
+):
     x, w, b, a, bb, dy = make_inputs(M, K_, N, r, dtype, bias, lora_dtype, device=device, noncontig=noncontig)
     s, seed = 2.0, 1234
     y, u = lora_forward(x, w, b, a, bb, s, p, seed, path=path)
-    dx, da, db = lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=main_gemm)
+    dx, da, db = lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=main_gemm, reduction=reduction)
     assert y.dtype == dtype and u.dtype == F32 and dx.dtype == dtype
     assert da.dtype == lora_dtype and db.dtype == lora_dtype
     assert (
@@ -171,6 +173,47 @@ def _case_id(c):
 )
 def test_forward_backward_match_reference(case, paths):
     run_case(*case, path=paths[0], main_gemm=paths[1])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_ordered_reduction_matches_reference(case):
+    """dA and dB by the ordered kernel (no atomics), both main-GEMM paths of dX."""
+    run_case(*case, main_gemm="triton" if case[0] % 2 else "cublas", reduction="ordered")
+
+
+@pytest.mark.interpreter
+def test_deterministic_algorithms_choose_the_ordered_reduction(monkeypatch):
+    x, w, b, a, bb, dy = make_inputs(70, 40, 24, 8, F32, True)
+    _, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 3)
+    grids = []
+
+    class RecordingLauncher:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return ordered_launcher[grid]
+
+    ordered_launcher = K.lora_linear._lora_ordered_grads
+    monkeypatch.setattr(K.lora_linear, "_lora_ordered_grads", RecordingLauncher())
+    assert K.choose_reduction() == "atomic"
+    atomic = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 3)
+    assert grids == []
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert K.choose_reduction() == "ordered"
+        runs = [lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 3) for _ in range(2)]
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 3, reduction="atomic")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(grids) == 2
+    for first, second, other in zip(*runs, atomic, strict=True):
+        assert torch.equal(first, second)
+        assert_close(first, other, F32)
+    monkeypatch.setenv("LORAFAST_REDUCTION", "ordered")
+    assert K.choose_reduction() == "ordered"
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        K.choose_reduction("sorted")
 
 
 @pytest.mark.interpreter
@@ -236,9 +279,9 @@ def test_every_output_element_is_written(M, monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_filled_empty)
-    for path in ("triton", "cublas"):
+    for path, reduction in (("triton", "atomic"), ("cublas", "atomic"), ("cublas", "ordered")):
         y, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path=path)
-        grads = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 9, main_gemm=path)
+        grads = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 9, main_gemm=path, reduction=reduction)
         for got, want in zip((y, u, *grads), (*expected[0], *expected[1]), strict=True):
             assert not got.isnan().any(), path
             assert_close(got, want, F32)
@@ -402,9 +445,35 @@ def test_gpu_small_odd_shapes(case, paths):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_small_odd_shapes_ordered_reduction(case):
+    run_case(*case, main_gemm="triton" if case[0] % 2 else "cublas", device="cuda", reduction="ordered")
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("M,path", [(16, None), (4096, "triton"), (4096, "cublas")])
 def test_gpu_real_size_bf16(M, path):
     run_case(M, 4096, 4096, 16, BF16, True, 0.1, F32, path=path, main_gemm=path, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_gpu_real_size_ordered_reduction(dtype):
+    run_case(4096, 4096, 4096, 16, dtype, False, 0.1, F32, main_gemm="cublas", device="cuda", reduction="ordered")
+
+
+@gpu
+@needs_cuda
+def test_gpu_ordered_reduction_is_deterministic():
+    """Atomic dA / dB may differ in their last bits from run to run on a GPU; ordered ones may not."""
+    x, w, _, a, bb, dy = make_inputs(8192, 4096, 4096, 16, BF16, False, device="cuda")
+    _, u = lora_forward(x, w, None, a, bb, 2.0, 0.1, 5)
+    runs = [lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 5, reduction="ordered") for _ in range(3)]
+    for later in runs[1:]:
+        for first, again in zip(runs[0], later, strict=True):
+            assert torch.equal(first, again)
 
 
 @gpu

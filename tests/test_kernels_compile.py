@@ -28,6 +28,7 @@ EXPECTED_KERNELS = {
     "lora_linear._lora_fwd_small_m_kernel",
     "lora_linear._lora_dy_kernel",
     "lora_linear._lora_dx_kernel",
+    "lora_linear._lora_ordered_grads_kernel",
     "lora_linear._keep_mask_kernel",
     "merge._lora_merge_kernel",
 }
