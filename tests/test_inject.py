@@ -145,3 +145,39 @@ def test_gpt2_conv1d_is_adapted_and_merges():
         plain = lorafast.merge_and_unload(model)
         assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
         assert_close(plain(ids).logits, unmerged)
+
+
+def _enable_activation_checkpointing(model, use_reentrant: bool) -> None:
+    """transformers' activation checkpointing (``gradient_checkpointing_enable`` before 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
+    """Recomputation under checkpointing must draw the forward's dropout seed again (checkpoint
+    restores the RNG state the seed comes from): the same loss and bit-identical gradients."""
+
+    def loss_and_grads(checkpointing: bool):
+        config = lorafast.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=LLAMA_PROJECTIONS)
+        model = lorafast.apply_lora(tiny_llama(), config).train()
+        torch.manual_seed(1)
+        for _, layer in lorafast.lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would hide the LoRA branch
+        if checkpointing:
+            _enable_activation_checkpointing(model, use_reentrant)
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(False)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(True)
+    assert torch.equal(checkpointed_loss, loss)
+    assert grads.keys() == checkpointed_grads.keys() and len(grads) == 4 * len(LLAMA_PROJECTIONS)
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert torch.equal(checkpointed_grads[name], grad), name
