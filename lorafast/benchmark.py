@@ -319,6 +319,8 @@ class BenchRow:
     (minimum bytes the mode must move / time) over the measured copy bandwidth.
     ``peak_memory_bytes`` is the peak beyond the memory resident before the call (CUDA only);
     ``saved_activation_bytes`` is what autograd keeps for backward (training modes only).
+    ``kernel_path`` says which kernels a fused provider dispatched to for the row's shape (e.g.
+    ``"fwd cublas, bwd cublas, dA/dB atomic"``; None for the others).
     """
 
     suite: str
@@ -343,6 +345,7 @@ class BenchRow:
     peak_memory_bytes: int | None = None
     saved_activation_bytes: int | None = None
     tokens_per_s: float | None = None
+    kernel_path: str | None = None
     device: str = ""
     torch_version: str = ""
     triton_version: str = ""
@@ -443,6 +446,7 @@ TABLE_COLUMNS = (
     ("tok/s", ">"),
     ("peak MiB", ">"),
     ("saved MiB", ">"),
+    ("kernels", "<"),
 )
 
 
@@ -459,6 +463,7 @@ def _table_cells(row: BenchRow) -> tuple[str, ...]:
         _format_number(row.tokens_per_s, ",.0f"),
         _format_mebibytes(row.peak_memory_bytes),
         _format_mebibytes(row.saved_activation_bytes),
+        row.kernel_path or "",
     )
 
 

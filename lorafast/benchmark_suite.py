@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import lorafast
-from lorafast import reference
+from lorafast import ops, reference
 from lorafast.benchmark import (
     FLOOR_PROVIDER,
     PEFT_PROVIDER,
@@ -346,6 +346,10 @@ class Provider:
     def adapt_model(self, model: nn.Module, case: TrainStepCase) -> nn.Module:
         raise NotImplementedError(f"{self.name} does not adapt whole models")
 
+    def kernel_path(self, case: LayerCase, mode: str, device: torch.device) -> str | None:
+        """Which kernels the provider dispatches to for ``case`` in ``mode`` (None: not a choice it makes)."""
+        return None
+
 
 class BaseLayerProvider(Provider):
     """The frozen ``nn.Linear`` alone: what any LoRA layer costs at the least. It is its own merged form."""
@@ -448,6 +452,22 @@ class LorafastProvider(Provider):
 
     def activated(self) -> contextlib.AbstractContextManager:
         return using_backend(self.backend)
+
+    def kernel_path(self, case: LayerCase, mode: str, device: torch.device) -> str | None:
+        """The fused kernels' dispatch (``lorafast.kernels.choose_main_gemm`` / ``choose_reduction``):
+        the forward's small-M kernel or main GEMM, and in training the backward's main GEMM and how
+        dA / dB are summed. None off the Triton backend and for merged inference (the base GEMM)."""
+        if mode == "inference-merged":
+            return None
+        with self.activated():
+            if not ops.use_triton(device):
+                return None
+            from lorafast import kernels
+        M, K, N = case.tokens, case.in_features, case.out_features
+        path = f"fwd {'small_m' if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, device)}"
+        if mode in TRAINING_MODES:
+            path += f", bwd {kernels.choose_main_gemm(M, K, N, device)}, dA/dB {kernels.choose_reduction()}"
+        return path
 
     def build(self, weights: LayerWeights) -> nn.Module:
         layer = lorafast.LoraLinear(
@@ -809,6 +829,7 @@ class Runner:
                 gbps=gbps,
                 roofline_fraction=gbps / self.copy_gbps,
                 saved_activation_bytes=contender.saved_bytes if mode in TRAINING_MODES else None,
+                kernel_path=contender.provider.kernel_path(case, mode, self.device),
             )
 
         return self._compare(

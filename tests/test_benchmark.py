@@ -376,6 +376,25 @@ def test_format_table_shows_groups_values_and_reasons():
     assert lines[6].split()[-4:] == ["n/a", "n/a", "n/a", "n/a"]  # % copy BW, tok/s, peak and saved MiB unknown
 
 
+def test_lorafast_triton_rows_name_the_kernels_dispatched_to(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend on the CPU, as conftest.py sets
+    triton, torch_backend = benchmark_suite.LorafastProvider("triton"), benchmark_suite.LorafastProvider("torch")
+    cpu = torch.device("cpu")
+    training, decode = LayerCase(64, 96, 256, 8, 0.1), LayerCase(64, 96, 1, 8, 0.0)
+    # on the interpreter choose_main_gemm picks the Triton GEMM (cuBLAS is CUDA's default)
+    assert triton.kernel_path(training, "forward+backward", cpu) == "fwd triton, bwd triton, dA/dB atomic"
+    assert triton.kernel_path(training, "inference-unmerged", cpu) == "fwd triton"
+    assert triton.kernel_path(decode, "decode", cpu) == "fwd small_m"
+    assert triton.kernel_path(training, "inference-merged", cpu) is None
+    assert torch_backend.kernel_path(training, "forward", cpu) is None
+    monkeypatch.setenv("LORAFAST_REDUCTION", "ordered")
+    monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
+    assert triton.kernel_path(training, "backward", cpu) == "fwd cublas, bwd cublas, dA/dB ordered"
+    row = _row("lorafast[triton]", 2.0)
+    row.kernel_path = "fwd small_m"
+    assert format_table([row]).splitlines()[2].rstrip().endswith("fwd small_m")
+
+
 def test_json_and_csv_round_trip(tmp_path):
     rows = [_row("base", 2.0), _row("peft", None, status="skipped: peft is not installed")]
     write_json(rows, tmp_path / "rows.json", copy_gbps=12.5)
