@@ -114,6 +114,7 @@ from ._common import (
     needs_split,
     next_pow2,
     padded_rank,
+    philox_seed,
     smem_limit,
     stride_safe,
 )
@@ -385,6 +386,7 @@ def _lora_down_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
+    seed = philox_seed(seed)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
@@ -535,6 +537,7 @@ def _lora_fwd_small_m_kernel(
     Each program recomputes xa (A is [r, K], L2-resident) so no intermediate leaves registers;
     programs with pid_n == 0 also store u, which backward needs.
     """
+    seed = philox_seed(seed)
     DT = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -741,6 +744,7 @@ def _lora_dx_kernel(
     without the max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded
     before and after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
     """
+    seed = philox_seed(seed)
     DT = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -918,6 +922,7 @@ def _lora_ordered_grads_kernel(
     and u / du are re-read once per column block (from L2: [M, r] fp32 is 512 KiB at M = 8192,
     r = 16); no [N, r] / [r, K] fp32 atomics (2·M/BLOCK_M·(N + K)·r of them).
     """
+    seed = philox_seed(seed)
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     num_db_programs = tl.cdiv(N, BLOCK_C)
@@ -946,6 +951,7 @@ def _keep_mask_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
+    seed = philox_seed(seed)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
     rk = col_start + tl.arange(0, BLOCK_K)
@@ -1240,7 +1246,7 @@ def lora_forward(
     lora_B: torch.Tensor,  # [N, r]
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: int | torch.Tensor,  # int, or a 1-element int64 tensor on x's device
     *,
     path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1254,8 +1260,8 @@ def lora_forward(
     ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else :func:`choose_main_gemm`.
     """
     M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
-    check_scalars(scaling, dropout_p, seed)
-    sc = LoraScalars(float(scaling), float(dropout_p), int(seed), needs_split(x.dtype, lora_A, lora_B))
+    check_scalars(scaling, dropout_p, seed, x.device)
+    sc = LoraScalars(float(scaling), float(dropout_p), _seed_argument(seed), needs_split(x.dtype, lora_A, lora_B))
     if path is None:
         path = "small_m" if M <= SMALL_M_MAX else choose_main_gemm(M, N, K, x.device)
     if path not in ("small_m", "triton", "cublas"):
@@ -1328,7 +1334,7 @@ def lora_backward(
     u: torch.Tensor,  # [M, r] (fp32 from lora_forward)
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: int | torch.Tensor,  # the forward's
     needs_grad_x: bool = True,
     needs_grad_lora: bool = True,
     *,
@@ -1349,10 +1355,10 @@ def lora_backward(
     """
     if validate:
         _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u)
-        check_scalars(scaling, dropout_p, seed)
+        check_scalars(scaling, dropout_p, seed, x.device)
     M, K = x.shape
     N, r = lora_B.shape
-    sc = LoraScalars(float(scaling), float(dropout_p), int(seed), needs_split(x.dtype, lora_A, lora_B))
+    sc = LoraScalars(float(scaling), float(dropout_p), _seed_argument(seed), needs_split(x.dtype, lora_A, lora_B))
     if main_gemm is None:
         main_gemm = choose_main_gemm(M, K, N, x.device)
     if main_gemm not in ("triton", "cublas"):
@@ -1465,17 +1471,22 @@ def lora_backward(
     return dx, grad_A, grad_B
 
 
-def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
+def _seed_argument(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """The kernels' ``seed`` argument: the int, or the tensor itself (they load it: ``philox_seed``)."""
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
+
+
+def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
     ``keep = word[col % 4] >> 1 >= round(p · 2**31)`` with ``word = Philox(seed; counter = (col // 4,
     row, 0, 0))`` (see ``_common.keep_mask``)."""
-    check_scalars(1.0, dropout_p, seed)
     device = torch.device(device)
+    check_scalars(1.0, dropout_p, seed, device)
     out = torch.empty((M, K), dtype=torch.uint8, device=device)
     if M * K > 0:
         if device.type == "cpu" and not interpreting():
             raise ValueError("dropout_keep_mask needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         bm, bk = (16, 64) if interpreting() else (32, 128)
         grid = (cdiv(M, bm), cdiv(K, bk))
-        _keep_mask_kernel[grid](out, M, K, int(seed), drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+        _keep_mask_kernel[grid](out, M, K, _seed_argument(seed), drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
     return out.view(torch.bool)

@@ -8,8 +8,9 @@ by :func:`use_triton` from the backend setting and the tensors' device.
 
 Memory policy (DESIGN.md §3): the autograd context keeps x itself (a reference: no copy, no
 cast, so q/k/v sharing one input share one saved tensor), u ``[M, r]`` in fp32 and a 0-d seed
-tensor; the frozen weight and the LoRA parameters are kept too, but they are parameters that
-live anyway. The dropout mask is regenerated in backward from the seed, never stored.
+tensor (on the CPU in eager mode; on the device under ``torch.compile``, where the kernels read
+it from memory so a CUDA-graph replay draws a new mask every step); the frozen weight and the
+LoRA parameters are kept too, but they are parameters that live anyway. The dropout mask is regenerated in backward from the seed, never stored.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def use_triton(device: torch.device) -> bool:
     return True
 
 
+def _kernel_seed(seed: torch.Tensor, device: torch.device) -> int | torch.Tensor:
+    """The seed as the kernels take it: the tensor itself when it lives on the tensors' device
+    (the kernels load it, which stays right under CUDA-graph replay), else its value (a CPU
+    scalar: reading it does not synchronize)."""
+    return seed if seed.device == device else int(seed)
+
+
 def _keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout)."""
     if dropout_p == 0.0:
@@ -90,12 +98,13 @@ def _lora_forward_impl(
     lora_B: torch.Tensor,  # [N, r]
     scaling: float,
     dropout_p: float,
-    seed: torch.Tensor,  # 0-d int64 on the CPU
+    seed: torch.Tensor,  # 0-d int64: on the CPU in eager mode, on x's device under torch.compile
     fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [M, N] in x.dtype, u [M, r] fp32)`` with ``y = x Wᵀ + bias + u Bᵀ``, ``u = s·x̂ Aᵀ``."""
     if fused:
-        return _load_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+        seed_argument = _kernel_seed(seed, x.device)
+        return _load_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_argument)
     y, u = reference.lora_forward(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, _keep_mask(seed, *x.shape, dropout_p, x.device)
     )
@@ -120,7 +129,7 @@ def _lora_backward_impl(
     u: torch.Tensor,  # [M, r] fp32, saved by the forward
     scaling: float,
     dropout_p: float,
-    seed: torch.Tensor,  # 0-d int64 on the CPU, the forward's
+    seed: torch.Tensor,  # 0-d int64, the forward's
     fused: bool,
     needs_grad_x: bool,
     needs_grad_lora: bool,
@@ -141,7 +150,7 @@ def _lora_backward_impl(
             u,
             scaling,
             dropout_p,
-            int(seed),
+            _kernel_seed(seed, grad_y.device),
             needs_grad_x,
             needs_grad_lora,
             validate=False,
@@ -265,7 +274,10 @@ def lora_linear(
         bias = bias.to(compute_dtype) if bias is not None else None
     elif x.dtype != weight.dtype:
         raise ValueError(f"input dtype {x.dtype} does not match the base weight dtype {weight.dtype}")
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else _NO_SEED
+    seed = _NO_SEED
+    if dropout_p > 0.0:  # on the CPU in eager mode (no launch); traced onto x's device under compile
+        seed_device = x.device if torch.compiler.is_compiling() else None
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=seed_device)
     inputs = (x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
     if autocasting:
         with torch.autocast(device_type, enabled=False):

@@ -323,6 +323,32 @@ def test_forward_and_backward_draw_the_same_mask(M, path):
 
 
 @pytest.mark.interpreter
+def test_a_seed_tensor_draws_the_masks_of_its_value():
+    """The kernels take the seed as an int or as a 1-element int64 tensor on the device, which
+    they load (what keeps dropout right under CUDA-graph replay): the same masks either way."""
+    x, w, b, a, bb, dy = make_inputs(70, 40, 24, 8, F32, True)
+    seed = 2**40 + 17
+    seed_tensor = torch.tensor([seed], device=DEVICE)
+    assert torch.equal(
+        dropout_keep_mask(seed_tensor, 70, 40, 0.3, DEVICE), dropout_keep_mask(seed, 70, 40, 0.3, DEVICE)
+    )
+    for path in ("small_m", "triton"):
+        by_int = lora_forward(x, w, b, a, bb, 2.0, 0.3, seed, path=path)
+        by_tensor = lora_forward(x, w, b, a, bb, 2.0, 0.3, seed_tensor, path=path)
+        for got, want in zip(by_tensor, by_int, strict=True):
+            assert torch.equal(got, want), path
+    u = by_int[1]
+    for reduction in ("atomic", "ordered"):
+        by_int = lora_backward(dy, x, w, a, bb, u, 2.0, 0.3, seed, reduction=reduction)
+        by_tensor = lora_backward(dy, x, w, a, bb, u, 2.0, 0.3, seed_tensor, reduction=reduction)
+        for got, want in zip(by_tensor, by_int, strict=True):
+            assert_close(got, want, F32)
+    for bad in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], device="meta")):
+        with pytest.raises(ValueError, match="a tensor seed must be one int64 element"):
+            lora_forward(x, w, b, a, bb, 2.0, 0.3, bad)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate_and_offsets(p):
     M, K_ = 96, 640
@@ -474,6 +500,19 @@ def test_gpu_ordered_reduction_is_deterministic():
     for later in runs[1:]:
         for first, again in zip(runs[0], later, strict=True):
             assert torch.equal(first, again)
+
+
+@gpu
+@needs_cuda
+def test_gpu_seed_tensor_on_the_device():
+    x, w, b, a, bb, dy = make_inputs(4096, 1024, 1024, 16, BF16, True, device="cuda")
+    seed_tensor = torch.tensor(2**40 + 3, device="cuda")
+    by_int = lora_forward(x, w, b, a, bb, 2.0, 0.1, 2**40 + 3)
+    by_tensor = lora_forward(x, w, b, a, bb, 2.0, 0.1, seed_tensor)
+    assert torch.equal(by_int[1], by_tensor[1]) and torch.equal(by_int[0], by_tensor[0])
+    dx_int = lora_backward(dy, x, w, a, bb, by_int[1], 2.0, 0.1, 2**40 + 3, reduction="ordered")[0]
+    dx_tensor = lora_backward(dy, x, w, a, bb, by_int[1], 2.0, 0.1, seed_tensor, reduction="ordered")[0]
+    assert torch.equal(dx_int, dx_tensor)
 
 
 @gpu

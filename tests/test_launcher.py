@@ -60,6 +60,20 @@ def test_memoized_launches_get_the_autotuners_config_for_their_key():
     assert fake.direct[-1][2] == {"FLAG": False, "BLOCK": 64, "num_warps": 4}
 
 
+def test_an_argument_that_is_a_tensor_in_one_call_and_an_int_in_another():
+    """The kernels' seed is an int, or a tensor they load it from: the memo key follows the
+    autotuner's, which counts a tensor argument's dtype, and neither call layout breaks the other."""
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    x = torch.empty(2)
+    launcher[(1,)](x, 7, 100, 8, 128, FLAG=True)  # y_ptr slot an int
+    launcher[(1,)](x, torch.empty(1, dtype=torch.int64), 100, 8, 128, FLAG=True)  # a tensor there
+    launcher[(1,)](x, 9, 100, 8, 128, FLAG=True)
+    launcher[(1,)](x, torch.empty(1, dtype=torch.int64), 100, 8, 128, FLAG=True)
+    assert len(fake.tuned) == 2 and len(fake.direct) == 2
+    assert fake.direct[0][1][1] == 9 and isinstance(fake.direct[1][1][1], torch.Tensor)
+
+
 def test_nothing_is_memoized_when_a_tool_replaces_run():
     fake = FakeAutotuner()
     launcher = TunedLauncher(fake)

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from kernel_harness import interpreter_bf16_fixes
-from probes import observed_dropout_masks, partial_gradient_run
+from probes import mask_revealing_layer, observed_dropout_masks, partial_gradient_run
 from tolerances import assert_close, assert_no_less_accurate
 
 import lorafast
@@ -86,6 +86,26 @@ def test_compile_fullgraph_on_the_triton_backend():
     assert_close(compiled, eager)
     compiled.sum().backward()
     assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """``torch.compile(mode="reduce-overhead")`` replays the layer from a CUDA graph: the dropout
+    seed must come from the graph's RNG as a tensor the kernels load, not as a host integer
+    frozen into the graph at capture. Each step: forward and backward masks agree; steps differ."""
+    layer = mask_revealing_layer(64, 0.5).to(DEVICE)
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    masks = []
+    for _ in range(6):  # cudagraph trees warm up, record, then replay
+        torch.compiler.cudagraph_mark_step_begin()
+        x = torch.ones(32, 64, device=DEVICE, requires_grad=True)
+        y = compiled(x)
+        y.backward(torch.ones_like(y))
+        forward_mask = (y.detach() != 0).clone()
+        assert torch.equal(forward_mask, x.grad != 0)
+        masks.append(forward_mask)
+    for i, later in enumerate(masks[1:], start=1):
+        assert not any(torch.equal(later, earlier) for earlier in masks[:i])
 
 
 @pytest.mark.parametrize("needs_grad", [(True, True), (True, False), (False, True)], ids=["all", "dx", "lora"])
