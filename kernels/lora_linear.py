@@ -294,13 +294,18 @@ def _streaming_tuning(blocks: tuple[str, str], streamed: str, factor: str, dims:
     return Tuning(_per_family(_two_block_make(blocks), _same_for_all_families(shapes)), dims, smem, fallback=fallback)
 
 
-#: F1 (u = s x̂ Aᵀ): x [BM, BK] and Aᵀ [BK, BLOCK_R] tiles.
+#: F1 (u = s x̂ Aᵀ): x [BM, BK] and Aᵀ [BK, BLOCK_R] tiles. F1 and B1 run one program per BLOCK_M
+#: rows (times R_PAD / BLOCK_R): at M = 1024 (a 1×1024-token step) BLOCK_M 64 is 16 programs on an
+#: H200's 132 SMs, so the candidates go down to BLOCK_M 16 (64 programs) for the autotuner to weigh
+#: against the Aᵀ / B tile every program re-reads (unmeasured; a split over K / N would go further).
+#: The 16-row configs compile without spills on sm_90 and sm_86 in every dtype at 4 warps (2 warps:
+#: bf16 B1 spills 56 B on sm_90; 16x256 tiles spill 128-160 B), bench/compile_check.py.
 _DOWN_TUNING = _streaming_tuning(
     ("BLOCK_M", "BLOCK_K"),
     "x_ptr",
     "a_ptr",
     {"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"},
-    [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)],
+    [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)],
 )
 #: B1 (du, dB from one pass over dY): dY [BM, BN] and B [BN, BLOCK_R] tiles.
 _DY_TUNING = _streaming_tuning(
@@ -308,7 +313,7 @@ _DY_TUNING = _streaming_tuning(
     "dy_ptr",
     "b_ptr",
     {"BLOCK_M": "M_BUCKET", "BLOCK_N": "N"},
-    [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4)],
 )
 #: The ordered LoRA gradients (dB, dA without atomics): a [BLOCK_M, BLOCK_C] panel tile of dY or
 #: x and the [BLOCK_M, BLOCK_R] rows of u or du per loop step; BLOCK_C 32-64 keeps N/BC + K/BC
