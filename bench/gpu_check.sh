@@ -9,7 +9,7 @@
 #   eight): gpu_check.log (everything the stages printed), gpu_tests.log (every shard's pytest
 #   log, then the summary), gpu_tests.xml (the shards' JUnit suites in one file),
 #   kernel_bench.json, bench.json, bench.csv and profile_step.json.
-# Environment: PYTHON (default python), GPU_TEST_SHARDS (default 8), GPU_TESTS_TIMEOUT (seconds,
+# Environment: PYTHON (default python), GPU_TEST_SHARDS (default 12), GPU_TESTS_TIMEOUT (seconds,
 # default 90). Exit status: 0 when every stage passed, else the first failing stage's status
 # (124: a stage or a test shard ran out of time).
 set -uo pipefail
@@ -20,7 +20,7 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 unset TRITON_INTERPRET
 PY="${PYTHON:-python}"
-SHARDS="${GPU_TEST_SHARDS:-8}"
+SHARDS="${GPU_TEST_SHARDS:-12}"
 TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-90}"
 KILL_AFTER=10
 LOG="$OUT/gpu_check.log"
