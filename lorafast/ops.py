@@ -275,9 +275,8 @@ def lora_linear(
     elif x.dtype != weight.dtype:
         raise ValueError(f"input dtype {x.dtype} does not match the base weight dtype {weight.dtype}")
     seed = _NO_SEED
-    if dropout_p > 0.0:  # on the CPU in eager mode (no launch); traced onto x's device under compile
-        seed_device = x.device if torch.compiler.is_compiling() else None
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=seed_device)
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=_seed_device(x))
     inputs = (x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
     if autocasting:
         with torch.autocast(device_type, enabled=False):
@@ -285,6 +284,16 @@ def lora_linear(
     else:  # entering a disabled autocast context costs ~7 µs per call (eager decode, CPU profile)
         y, _ = forward(*inputs)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _seed_device(x: torch.Tensor) -> torch.device | None:
+    """Where the dropout seed is drawn. Eagerly on the CPU (None): no launch, and the kernels take
+    its value without a sync. On x's device under ``torch.compile`` and while a CUDA graph is being
+    captured: a host value would be frozen into the graph, so every replay would drop the same
+    elements; a device seed comes from the graph-safe CUDA generator and the kernels load it."""
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return x.device
+    return None
 
 
 def _forward_for(tensors: tuple[torch.Tensor | None, ...]) -> Callable:

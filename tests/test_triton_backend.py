@@ -108,6 +108,68 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
         assert not any(torch.equal(later, earlier) for earlier in masks[:i])
 
 
+def _capture(fn, warmups: int = 3) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph after warm-up calls on a side stream (compiles, autotunes)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_decode_replays_from_a_captured_cuda_graph():
+    """Serving-style decode: the unmerged layer's forward captured once, replayed on new inputs."""
+    layer, _ = _layer_pair(256, 384, torch.bfloat16)
+    layer.eval()
+    static_x = torch.zeros(1, 256, device=DEVICE, dtype=torch.bfloat16)
+    outputs = []
+
+    def decode():
+        with torch.no_grad():
+            outputs[:] = [layer(static_x)]
+
+    graph = _capture(decode)
+    for step in range(3):
+        x = torch.randn(
+            1, 256, device=DEVICE, dtype=torch.bfloat16, generator=torch.Generator(DEVICE).manual_seed(step)
+        )
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            assert torch.equal(outputs[0], layer(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_captured_training_step_draws_new_dropout_masks_on_every_replay():
+    """A forward + backward captured eagerly in a CUDA graph: the seed is drawn on the device while
+    capturing, so replays drop different elements, forward and backward alike."""
+    layer = mask_revealing_layer(64, 0.5).to(DEVICE)
+    static_x = torch.ones(32, 64, device=DEVICE, requires_grad=True)
+    outputs = []
+
+    def step():
+        static_x.grad = None
+        y = layer(static_x)
+        y.backward(torch.ones_like(y))
+        outputs[:] = [y.detach()]
+
+    graph = _capture(step)
+    masks = []
+    for _ in range(4):
+        graph.replay()
+        forward_mask = outputs[0] != 0
+        assert torch.equal(forward_mask, static_x.grad != 0)
+        masks.append(forward_mask.clone())
+    for i, later in enumerate(masks[1:], start=1):
+        assert not any(torch.equal(later, earlier) for earlier in masks[:i])
+
+
 @pytest.mark.parametrize("needs_grad", [(True, True), (True, False), (False, True)], ids=["all", "dx", "lora"])
 def test_opcheck_fused_ops(needs_grad):
     torch.manual_seed(0)
