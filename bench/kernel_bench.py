@@ -4,7 +4,10 @@ and PEFT's LoRA Linear (bf16, r=16, dropout 0.1, fp32 LoRA params as PEFT keeps 
 
 Training (forward + backward; the base is ``x Wᵀ`` then ``dY W``):
     K = N ∈ {4096, 5120, 8192}, M ∈ {2048, 8192}
-Decode (no grad, dropout off): M ∈ {1, 4, 16}, K = N = 4096, fused unmerged vs merged base.
+Decode (no grad, dropout off): M ∈ {1, 4, 16}, K = N = 4096, fused unmerged vs merged base; the
+fused op by its default small-M kernel (``fused_unmerged``) and by F1 + F2 + cuBLAS
+(``fused_cublas_unmerged``: the small-M kernel re-reads all of A in every program, the other
+path reads A once but launches three kernels).
 
 For each training shape the fused op is timed with the main GEMM forced to "triton" and to
 "cublas", and with the default choice (``choose_main_gemm``); the faster path is reported as
@@ -284,18 +287,24 @@ def bench_decode_shape(ctx, M, K, N) -> dict:
         def merged_linear():
             return torch.nn.functional.linear(x, merged)
 
-        def fused():
-            return kernels.lora_forward(x, w, None, a, b, scaling, 0.0, ctx.seed)
+        def fused(path=None):
+            return kernels.lora_forward(x, w, None, a, b, scaling, 0.0, ctx.seed, path=path)
+
+        def fused_cublas():
+            return fused("cublas")
 
         row["merged_ms"] = bench(merged_linear)
         row["fused_unmerged_ms"] = bench(fused)
+        row["fused_cublas_unmerged_ms"] = bench(fused_cublas)
         row["naive_unmerged_ms"] = bench(lambda: reference.naive_lora_linear(x, w, None, a, b, scaling, 0.0, False))
         add_host_and_graph_times(ctx, row, "merged", merged_linear)
         add_host_and_graph_times(ctx, row, "fused_unmerged", fused)
+        add_host_and_graph_times(ctx, row, "fused_cublas_unmerged", fused_cublas)
         if (M, K, N) == ctx.profiled_decode_shape:
             add_kernel_breakdown(ctx, row, fused)
     row["fused_over_merged"] = row["fused_unmerged_ms"] / row["merged_ms"]
     row["fused_over_merged_graph"] = ratio(row, "fused_unmerged_graph_ms", "merged_graph_ms")
+    row["fused_cublas_over_merged_graph"] = ratio(row, "fused_cublas_unmerged_graph_ms", "merged_graph_ms")
     row["naive_over_merged"] = row["naive_unmerged_ms"] / row["merged_ms"]
     row["path"] = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev)
     return row
