@@ -221,6 +221,7 @@ def test_deterministic_algorithms_choose_the_ordered_reduction(monkeypatch):
 def test_non_contiguous_x_and_weight(dtype):
     run_case(33, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
     run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
+    run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True, main_gemm="cublas", reduction="ordered")
 
 
 @pytest.mark.interpreter
