@@ -7,9 +7,9 @@ break and ``torch.library.opcheck`` passes. Each op runs either the pure-PyTorch
 by :func:`use_triton` from the backend setting and the tensors' device.
 
 Memory policy (DESIGN.md §3): the autograd context keeps x itself (a reference: no copy, no
-cast, so q/k/v sharing one input share one saved tensor), u ``[M, r]`` in fp32 and a 0-d seed
-tensor (on the CPU in eager mode; on the device under ``torch.compile``, where the kernels read
-it from memory so a CUDA-graph replay draws a new mask every step); the frozen weight and the
+cast, so q/k/v sharing one input share one saved tensor), u ``[M, r]`` in fp32 and the dropout
+seed (a Python int in eager mode; under ``torch.compile`` a 0-d tensor on the device, where the
+kernels read it from memory so a CUDA-graph replay draws a new mask every step); the frozen weight and the
 LoRA parameters are kept too, but they are parameters that live anyway. The dropout mask is regenerated in backward from the seed, never stored.
 """
 
@@ -76,10 +76,12 @@ def use_triton(device: torch.device) -> bool:
     return True
 
 
-def _kernel_seed(seed: torch.Tensor, device: torch.device) -> int | torch.Tensor:
+def _kernel_seed(seed: torch.Tensor | int, device: torch.device) -> int | torch.Tensor:
     """The seed as the kernels take it: the tensor itself when it lives on the tensors' device
     (the kernels load it, which stays right under CUDA-graph replay), else its value (a CPU
-    scalar: reading it does not synchronize)."""
+    scalar: reading it does not synchronize; eager autograd keeps it as an int already)."""
+    if isinstance(seed, int):
+        return seed
     return seed if seed.device == device else int(seed)
 
 
@@ -129,7 +131,7 @@ def _lora_backward_impl(
     u: torch.Tensor,  # [M, r] fp32, saved by the forward
     scaling: float,
     dropout_p: float,
-    seed: torch.Tensor,  # 0-d int64, the forward's
+    seed: torch.Tensor,  # 0-d int64, the forward's (an int when eager autograd calls the implementation)
     fused: bool,
     needs_grad_x: bool,
     needs_grad_lora: bool,
@@ -174,16 +176,21 @@ def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, fused, nee
     return needed(needs_grad_x, x), needed(needs_grad_lora, lora_A), needed(needs_grad_lora, lora_B)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs, output, host_seed: bool = False) -> None:
     """Save what backward needs, for the gradients that will be asked for: x only when the LoRA or
-    frozen weight gradients need it (dX needs du and the mask, not x), u only for dB."""
+    frozen weight gradients need it (dX needs du and the mask, not x), u only for dB. With
+    ``host_seed`` (eager autograd) a CPU seed is kept as a Python int, not as a tensor: then x and
+    u are all the activation memory a layer keeps, ``bytes(x) + M·r·4``."""
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fused = inputs
     _, u = output
     needs_grad = ctx.needs_input_grad
     ctx.needs_grad_x = needs_grad[0]
     ctx.needs_grad_lora = needs_grad[3] or needs_grad[4]
     keep_x = ctx.needs_grad_lora or needs_grad[1]
-    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, u if ctx.needs_grad_lora else None, seed)
+    ctx.host_seed = int(seed) if host_seed and seed.device.type == "cpu" else None
+    kept_seed = seed if ctx.host_seed is None else None
+    kept_u = u if ctx.needs_grad_lora else None
+    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, kept_u, kept_seed)
     ctx.hyper = (scaling, dropout_p, fused)
     ctx.bias_needs_grad = bias is not None and needs_grad[2]
 
@@ -191,6 +198,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _input_grads(ctx, grad_y: torch.Tensor, backward: Callable) -> tuple[torch.Tensor | None, ...]:
     """The gradients of the forward's nine inputs; ``backward`` is the backward op or its implementation."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    if seed is None:
+        seed = ctx.host_seed
     scaling, dropout_p, fused = ctx.hyper
     grad_y = grad_y.to(weight.dtype)
     M = grad_y.shape[0]
@@ -234,7 +243,7 @@ class _EagerLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = _lora_forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs, output, host_seed=True)
         ctx.mark_non_differentiable(output[1])
         return output
 
