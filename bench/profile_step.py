@@ -142,7 +142,9 @@ def main(argv=None) -> int:
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
         case = llama8b_train_step(batch=1, seq=1024)
-        providers = [PeftProvider(), LorafastProvider("triton")]
+        # lorafast[torch] last (a stage timeout keeps the first two): on the first H200 run it was as
+        # slow as lorafast[triton], so the cause may sit above the kernels
+        providers = [PeftProvider(), LorafastProvider("triton"), LorafastProvider("torch")]
         budget = benchmark.TimingBudget(cuda_warmup_ms=25, cuda_rep_ms=200)
     generator = torch.Generator(device=device).manual_seed(2)
     input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator, device=device)
