@@ -283,9 +283,12 @@ def lora_linear(
         bias = bias.to(compute_dtype) if bias is not None else None
     elif x.dtype != weight.dtype:
         raise ValueError(f"input dtype {x.dtype} does not match the base weight dtype {weight.dtype}")
-    seed = _NO_SEED
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=_seed_device(x))
+    elif torch.compiler.is_compiling():  # unused, but a CPU tensor in the graph can keep it off CUDA graphs
+        seed = x.new_zeros((), dtype=torch.int64)
+    else:
+        seed = _NO_SEED
     inputs = (x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
     if autocasting:
         with torch.autocast(device_type, enabled=False):
