@@ -93,6 +93,9 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
     """``torch.compile(mode="reduce-overhead")`` replays the layer from a CUDA graph: the dropout
     seed must come from the graph's RNG as a tensor the kernels load, not as a host integer
     frozen into the graph at capture. Each step: forward and backward masks agree; steps differ."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     layer = mask_revealing_layer(64, 0.5).to(DEVICE)
     compiled = torch.compile(layer, mode="reduce-overhead")
     masks = []
@@ -104,6 +107,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
         forward_mask = (y.detach() != 0).clone()
         assert torch.equal(forward_mask, x.grad != 0)
         masks.append(forward_mask)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the layer really ran from CUDA graphs
     for i, later in enumerate(masks[1:], start=1):
         assert not any(torch.equal(later, earlier) for earlier in masks[:i])
 
