@@ -112,6 +112,22 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
         assert not any(torch.equal(later, earlier) for earlier in masks[:i])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_compiled_decode_runs_from_cuda_graphs():
+    """Decode under ``torch.compile(mode="reduce-overhead")``: graphed (no skip), eager's outputs."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    layer, _ = _layer_pair(256, 384, torch.bfloat16)
+    layer.eval()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
+            assert torch.equal(compiled(x), layer(x)), step
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
 def _capture(fn, warmups: int = 3) -> torch.cuda.CUDAGraph:
     """``fn`` captured in a CUDA graph after warm-up calls on a side stream (compiles, autotunes)."""
     stream = torch.cuda.Stream()
