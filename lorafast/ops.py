@@ -85,7 +85,7 @@ def _kernel_seed(seed: torch.Tensor | int, device: torch.device) -> int | torch.
     return seed if seed.device == device else int(seed)
 
 
-def _keep_mask(seed: torch.Tensor, M: int, K: int, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+def _keep_mask(seed: torch.Tensor | int, M: int, K: int, dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout)."""
     if dropout_p == 0.0:
         return None
