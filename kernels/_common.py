@@ -242,9 +242,10 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 def drop_threshold(dropout_p: float) -> int:
-    """The integer form of p that :func:`keep_mask` compares against: ``round(p · 2**31)``
-    (an int32; keep probability ``1 - threshold / 2**31``, within 2**-32 of ``1 - p``)."""
-    return min(round(float(dropout_p) * 2**31), 2**31 - 1)
+    """The integer form of p that :func:`keep_mask` compares its 16-bit lanes against:
+    ``round(p · 2**16)``, at most ``2**16 - 1`` (keep probability ``1 - threshold / 2**16``,
+    within 2**-17 of ``1 - p``; p = 0.1 keeps 0.8999939)."""
+    return min(round(float(dropout_p) * 2**16), 2**16 - 1)
 
 
 @triton.jit
@@ -261,31 +262,37 @@ def philox_seed(seed):
 @triton.jit
 def keep_mask(seed, offs_m, col_start, threshold, BLOCK_K: tl.constexpr):
     """Dropout keep mask ``m`` of the tile rows ``offs_m`` x columns ``col_start + [0, BLOCK_K)``
-    of an [M, K] input (``col_start`` and BLOCK_K multiples of 4).
+    of an [M, K] input (``col_start`` and BLOCK_K multiples of 8).
 
-    Element (row, col) keeps iff ``word[col % 4] >> 1 >= threshold`` (:func:`drop_threshold`),
-    where ``word`` are the four 32-bit outputs of ``Philox4x32-10(seed; counter = (col // 4,
-    row, 0, 0))``: one Philox evaluation serves four neighbouring columns, as PyTorch's CUDA
-    dropout uses all four outputs of ``curand_uniform4``. The mapping depends on (seed, row,
-    col) only, so every kernel that regenerates the mask (F1, small-M forward, B2 backward, the
-    mask kernel) draws bit-identical masks whatever its tiling.
+    Element (row, col) keeps iff its 16-bit lane is ``>= threshold`` (:func:`drop_threshold`):
+    half ``col % 2`` (low half first) of word ``(col // 2) % 4`` of ``Philox4x32-10(seed;
+    counter = (col // 8, row, 0, 0))``. One Philox evaluation serves eight neighbouring
+    columns. The mapping depends on (seed, row, col) only, so every kernel that regenerates the
+    mask (F1, small-M forward, B2 backward, the ordered grads, the mask kernel) draws
+    bit-identical masks whatever its tiling.
 
-    Why. Philox is ~100 integer instructions per evaluation; one per element (the first word
-    only, the previous design) made dropout cost +89 µs in the forward of K=N=4096, M=8192 on
-    an H200 (F1: 0.577 vs 0.488 ms at p=0.1 vs 0), more than F1's whole read of x (about
-    16 µs at 4 TB/s); four elements per evaluation cut that work by 4x. The counter holds
-    (col // 4, row) as two 32-bit words rather than an int64 element offset: no [BM, BK] int64
-    tile exists and the first Philox round runs on [BM, 1] / [1, BK/4] vectors (it cut B2's
-    registers from 255 + 232 B spilled to 204, bench/compile_check.py, sm_90). The words are
-    put in column order by two ``tl.interleave``s (a join along a new in-thread axis and a
-    reshape), and compared as integers (shift, compare) instead of being converted to floats.
+    Why. Philox is ~100 integer instructions per evaluation (the H200 data: one evaluation per
+    element, the first design, made dropout cost +89 µs in the forward of K=N=4096, M=8192, F1:
+    0.577 vs 0.488 ms at p=0.1 vs 0 -- more than F1's whole read of x, about 16 µs at 4 TB/s).
+    Four elements per evaluation (its four words, as PyTorch's CUDA dropout uses
+    ``curand_uniform4``) still left F1 bound by that integer work, by this estimate: 33.5 M
+    elements / 4 x ~44 instructions (what the +89 µs implies) over 132 SMs x 64 int32 lanes x
+    1.98 GHz is ~22 µs against ~15 µs of memory time. Eight per evaluation (~11 µs) hides
+    under the read of x and halves the mask work in B2's epilogue; the cost is p's resolution,
+    2**-16 instead of 2**-31 (PyTorch's curand_uniform compare resolves 2**-24). The counter
+    holds (col // 8, row) as two 32-bit words rather than an int64 element offset: no [BM, BK]
+    int64 tile exists and the first Philox round runs on [BM, 1] / [1, BK/8] vectors (the
+    int64 tile cost B2 255 registers + 232 B spilled, bench/compile_check.py, sm_90). The words
+    are put in column order by ``tl.interleave``s (a join along a new in-thread axis and a
+    reshape) and compared as integers (mask or shift, compare), never converted to floats.
     """
-    group = (col_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)[None, :]
+    group = (col_start // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)[None, :]
     row = offs_m.to(tl.uint32)[:, None]
     zero = tl.zeros_like(group)
     w0, w1, w2, w3 = tl.philox(seed, group, row, zero, zero)
-    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))  # columns 4g + (0, 1, 2, 3)
-    return (words >> 1).to(tl.int32) >= threshold
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))  # word (c // 2) % 4 of group c // 8
+    lanes = tl.interleave(words & 0xFFFF, words >> 16)  # column c: half c % 2 of its word
+    return lanes.to(tl.int32) >= threshold
 
 
 @triton.jit

@@ -1483,8 +1483,8 @@ def _seed_argument(seed: int | torch.Tensor) -> int | torch.Tensor:
 
 def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
-    ``keep = word[col % 4] >> 1 >= round(p · 2**31)`` with ``word = Philox(seed; counter = (col // 4,
-    row, 0, 0))`` (see ``_common.keep_mask``)."""
+    ``keep = lane >= round(p · 2**16)``, ``lane`` the 16-bit half ``col % 2`` of word ``(col // 2) % 4``
+    of ``Philox(seed; counter = (col // 8, row, 0, 0))`` (see ``_common.keep_mask``)."""
     device = torch.device(device)
     check_scalars(1.0, dropout_p, seed, device)
     out = torch.empty((M, K), dtype=torch.uint8, device=device)

@@ -368,20 +368,38 @@ def test_keep_rate_and_offsets(p):
 
 @pytest.mark.interpreter
 def test_neighbouring_columns_are_independent():
-    """One Philox evaluation gives the mask of four neighbouring columns (its four words): each
-    column offset within the group keeps at rate 1-p, and pairs of neighbours (inside a group,
-    and across two groups) both keep at rate (1-p)² -- within 4σ of each, for two seeds."""
+    """One Philox evaluation gives the mask of eight neighbouring columns (the two 16-bit halves
+    of its four words): each column offset within the group keeps at rate 1-p, and pairs of
+    neighbours (two halves of one word, two words of one group, and across two groups) both keep
+    at rate (1-p)² -- within 4σ of each, for two seeds."""
     p, M, K_ = 0.5, 256, 512
+    group = 8
     for seed in (11, 12):
         keep = dropout_keep_mask(seed, M, K_, p, DEVICE).double()
-        for offset in range(4):
-            column_rate = keep[:, offset::4].mean().item()
-            sigma = math.sqrt(p * (1 - p) / (M * K_ / 4))
+        for offset in range(group):
+            column_rate = keep[:, offset::group].mean().item()
+            sigma = math.sqrt(p * (1 - p) / (M * K_ / group))
             assert abs(column_rate - (1 - p)) < 4 * sigma, f"offset {offset}: keep rate {column_rate:.4f}"
-            both = (keep[:, offset:-1:4] * keep[:, offset + 1 :: 4]).mean().item()  # (c, c+1), c % 4 == offset
+            both = (keep[:, offset:-1:group] * keep[:, offset + 1 :: group]).mean().item()  # (c, c+1)
             q = (1 - p) ** 2
-            sigma = math.sqrt(q * (1 - q) / (M * K_ / 4))
+            sigma = math.sqrt(q * (1 - q) / (M * K_ / group))
             assert abs(both - q) < 4 * sigma, f"pairs at offset {offset}: both kept at rate {both:.4f} vs {q}"
+
+
+@pytest.mark.interpreter
+def test_keep_threshold_resolution():
+    """p is resolved to 2**-16 (16-bit lanes): the threshold is round(p·2**16), capped below 2**16,
+    and a p that rounds to the next step keeps measurably fewer elements than the one below it."""
+    drop_threshold = K._common.drop_threshold
+    assert drop_threshold(0.1) == 6554 and drop_threshold(0.5) == 2**15
+    assert drop_threshold(1 - 2**-20) == 2**16 - 1
+    assert drop_threshold(2**-18) == 0
+    M, K_, step = 128, 1024, 2**-10
+    low, high = (dropout_keep_mask(3, M, K_, p, DEVICE) for p in (0.25, 0.25 + step))
+    assert torch.all(low | ~high), "a larger p must drop a superset of the elements"
+    extra = (low & ~high).sum().item()  # lanes in [threshold(0.25), threshold(0.25 + step))
+    expected = M * K_ * step
+    assert abs(extra - expected) < 4 * math.sqrt(expected), f"{extra} more dropped, expected ~{expected:.0f}"
 
 
 # ----------------------------------------------------------------------------- merge
