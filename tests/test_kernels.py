@@ -388,8 +388,9 @@ def test_neighbouring_columns_are_independent():
 
 @pytest.mark.interpreter
 def test_keep_threshold_resolution():
-    """p is resolved to 2**-16 (16-bit lanes): the threshold is round(p·2**16), capped below 2**16,
-    and a p that rounds to the next step keeps measurably fewer elements than the one below it."""
+    """p is resolved to 2**-16 (16-bit lanes): the threshold is round(p·2**16), capped below 2**16
+    (so p < 2**-17 drops nothing); raising p by 2**-10 drops a superset of the elements, about
+    M·K·2**-10 more."""
     drop_threshold = K._common.drop_threshold
     assert drop_threshold(0.1) == 6554 and drop_threshold(0.5) == 2**15
     assert drop_threshold(1 - 2**-20) == 2**16 - 1
