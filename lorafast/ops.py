@@ -23,7 +23,8 @@ import torch
 from lorafast import reference
 
 BACKENDS = ("auto", "torch", "triton")
-_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
+_HOST = torch.device("cpu")
+_NO_SEED = torch.zeros((), dtype=torch.int64, device=_HOST)  # the seed argument when there is no dropout
 _backend: str = "auto"
 
 
@@ -298,14 +299,14 @@ def lora_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _seed_device(x: torch.Tensor) -> torch.device | None:
-    """Where the dropout seed is drawn. Eagerly on the CPU (None): no launch, and the kernels take
-    its value without a sync. On x's device under ``torch.compile`` and while a CUDA graph is being
+def _seed_device(x: torch.Tensor) -> torch.device:
+    """Where the dropout seed is drawn. Eagerly on the CPU (named, so ``torch.set_default_device``
+    does not move it): no launch, and the kernels take its value without a sync. On x's device under ``torch.compile`` and while a CUDA graph is being
     captured: a host value would be frozen into the graph, so every replay would drop the same
     elements; a device seed comes from the graph-safe CUDA generator and the kernels load it."""
     if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return x.device
-    return None
+    return _HOST
 
 
 def _forward_for(tensors: tuple[torch.Tensor | None, ...]) -> Callable:

@@ -126,6 +126,22 @@ def test_dropout_matches_a_reference_that_stores_the_mask():
         assert_close(got, want)
 
 
+def test_eager_seed_is_drawn_on_the_host_whatever_the_default_device():
+    """The eager dropout seed is a CPU draw even under ``torch.set_default_device`` (here "meta",
+    where a tensor has no value to read): on a GPU default device it would cost a launch per call
+    and a synchronizing read in the reference path."""
+    torch.manual_seed(0)
+    layer = lorafast.LoraLinear(torch.nn.Linear(12, 10), r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False)
+    x = torch.randn(9, 12, requires_grad=True)
+    rng_state = torch.get_rng_state()
+    want = layer(x)
+    torch.set_rng_state(rng_state)
+    with torch.device("meta"):
+        got = layer(x)
+    assert got.device == x.device
+    assert torch.equal(got, want)  # the same CPU generator's draw, so the same mask
+
+
 def test_saved_memory_is_x_plus_u_only_and_shared_input_saved_once():
     M, K, N, r = 256, 128, 96, 16
     torch.manual_seed(0)
