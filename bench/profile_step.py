@@ -12,7 +12,10 @@ host-bound. This script measures, per provider, on the same model and tokens:
 * ``top_ops``: ``torch.profiler`` over a few steps, the ops with the most self CPU time and
   (on CUDA) the most device time, per step;
 * ``top_functions``: ``cProfile`` over a few steps, the Python functions with the most own time
-  (Triton's launcher and autotuner show up here, not in the op table).
+  (Triton's launcher and autotuner show up here, not in the op table);
+* ``synchronizations`` (CUDA): the calls in one step that made the host wait for the GPU
+  (``torch.cuda.set_sync_debug_mode("warn")``), counted per source line: one per layer would
+  serialize the host's launch time with the GPU's work.
 
     python bench/profile_step.py --json OUT.json           # GPU: the 8B-width case, ~1 min warm
     python bench/profile_step.py --dry-run --json OUT.json # CPU: a tiny Llama, lorafast[torch]
@@ -24,12 +27,14 @@ already (Triton's disk cache), only autotuning runs again.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import cProfile
 import io
 import json
 import pstats
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,6 +114,23 @@ def top_functions(step, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: r["own_us_per_step"], reverse=True)[:TOP]
 
 
+def synchronizations(step, device: torch.device) -> dict:
+    """``{count, where}``: the synchronizing calls of one ``step`` and the source lines they came
+    from (most frequent first), from the warnings ``torch.cuda.set_sync_debug_mode("warn")`` gives."""
+    if device.type != "cuda":
+        return {"not_measured": "host-device synchronization needs CUDA"}
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    lines = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(lines), "where": dict(collections.Counter(lines).most_common(TOP))}
+
+
 def profile_provider(provider, base_model, case: TrainStepCase, input_ids, device, budget, steps: int) -> dict:
     with provider.activated():
         model = provider.adapt_model(copy.deepcopy(base_model), case).train()
@@ -122,6 +144,7 @@ def profile_provider(provider, base_model, case: TrainStepCase, input_ids, devic
             "host_ms": host.median_ms,
             "top_ops": top_ops(step, device, steps),
             "top_functions": top_functions(step, steps),
+            "synchronizations": synchronizations(step, device),
         }
     del model, step
     if device.type == "cuda":
@@ -158,7 +181,11 @@ def main(argv=None) -> int:
     for provider in providers:
         row = profile_provider(provider, base_model, case, input_ids, device, budget, args.profiled_steps)
         results["providers"][provider.name] = row
-        print(f"{provider.name:18} step {row['wall_ms']:8.3f} ms   host {row['host_ms']:8.3f} ms", flush=True)
+        syncs = row["synchronizations"].get("count", "n/a")
+        print(
+            f"{provider.name:18} step {row['wall_ms']:8.3f} ms   host {row['host_ms']:8.3f} ms   syncs {syncs}",
+            flush=True,
+        )
         for fn in row["top_functions"][:8]:
             print(f"    {fn['own_us_per_step']:9.1f} us/step own  {fn['calls_per_step']:7.1f} calls  {fn['function']}")
         if json_path is not None:  # after each provider: a run cut short keeps what it profiled

@@ -190,6 +190,39 @@ def test_captured_training_step_draws_new_dropout_masks_on_every_replay():
         assert not any(torch.equal(later, earlier) for earlier in masks[:i])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs CUDA")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_eager_steps_never_synchronize_with_the_device(backend):
+    """An eager training step (dropout on, so the seed is drawn) and a no-grad decode call through
+    the layer never make the host wait for the GPU (``torch.cuda.set_sync_debug_mode("error")``
+    raises at any synchronizing call, naming it). One such wait per layer would serialize the
+    host's launch time with the GPU's work in every step."""
+    lorafast.set_backend(backend)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 384).to(DEVICE, torch.bfloat16)
+    layer = lorafast.LoraLinear(base, r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False).to(DEVICE)
+    x = torch.randn(2, 80, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(2, 80, 384, device=DEVICE, dtype=torch.bfloat16)
+    token = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        layer.train()
+        layer(x).backward(grad_y)
+        layer.eval()
+        with torch.no_grad():
+            layer(token)
+
+    step()  # compiles and autotunes (which may synchronize)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("needs_grad", [(True, True), (True, False), (False, True)], ids=["all", "dx", "lora"])
 def test_opcheck_fused_ops(needs_grad):
     torch.manual_seed(0)
