@@ -293,7 +293,8 @@ def _specialize(jit_fn, bound: dict) -> tuple[dict, dict, dict]:
 
 def _describe(config) -> str:
     blocks = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
-    return f"{blocks} w{config.num_warps} s{config.num_stages}".strip()
+    split = f" split{config.kwargs['SPLIT_K']}" if config.kwargs.get("SPLIT_K", 1) > 1 else ""
+    return f"{blocks}{split} w{config.num_warps} s{config.num_stages}".strip()
 
 
 def _label(jit_fn, constexprs: dict, signature: dict) -> str:

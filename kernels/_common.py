@@ -144,6 +144,12 @@ class TunedLauncher:
     def __getitem__(self, grid):
         return lambda *args, **meta: self._launch(grid, args, meta)
 
+    def forget(self) -> None:
+        """Drop every config chosen so far (and the autotuner's cache): the next launch of each
+        key goes through the autotuner again, e.g. after its config list was changed."""
+        self._configs.clear()
+        self.autotuner.cache.clear()
+
     def _layout(self, args: tuple, meta: dict) -> tuple[tuple, tuple]:
         # the argument types are part of the layout: an argument such as the seed may be an int
         # in one call and a tensor in another (tuple(map(type, ...)): ~0.6 µs for 30 arguments)

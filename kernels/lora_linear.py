@@ -92,6 +92,7 @@ import triton.language as tl
 from ._common import (
     ARCH_FAMILIES,
     MAX_RANK,
+    MIN_DOT,
     SMALL_M_MAX,
     TunedLauncher,
     arch_family,
@@ -335,13 +336,38 @@ _BACKWARD_TUNING = _gemm_tuning("BLOCK_K")
 #: the shared memory (sm_90: 159 KiB): with 2 bytes for everything a bound let through an fp32
 #: config that needs 249 KiB and, with fp32 A (split dots, whose hi/lo parts are staged too), an
 #: R_PAD 256 one that needs 231 KiB. At large R_PAD nothing fits: a narrow, shallow pipeline does.
+#:
+#: SPLIT_K > 1 candidates (BN, BK, warps, stages, split): every program recomputes x̂Aᵀ over its
+#: K range, so all programs together read A (fp32, r·K·4 bytes) once per BLOCK_N columns: at
+#: BLOCK_N 32 as many bytes as W itself (L2 traffic; at r = 16, N = 4096: 32 MiB beside W's 32
+#: MiB). Wider tiles split over K keep the program count and read A a quarter as often
+#: (BLOCK_N 128) or half (64). Unmeasured: the autotuner weighs them against the split-free ones.
+#: sm_90, bf16 + fp32 LoRA, r = 16, M = 1 / 16 / 64: 128x64 split 4 and 64x64 split 4 compile
+#: without spills (<= 254 registers), 64x128 split 2 spills 32-48 B with dropout as its unsplit
+#: sibling does (24-32 B); 128x128 tiles spilled 48-104 B and 256x64 with 8 warps up to 3.9 KB.
+SMALL_M_MAX_SPLIT = 4
+_SMALL_M_TILES = [
+    (32, 128, 4, 4, 1),
+    (64, 128, 4, 4, 1),
+    (64, 64, 4, 4, 1),
+    (128, 64, 4, 3, 1),
+    (32, 256, 4, 3, 1),
+    (16, 256, 4, 3, 1),
+    (64, 128, 4, 4, 2),
+    (128, 64, 4, 4, 4),
+    (64, 64, 4, 4, 4),
+]
+assert max(tile[4] for tile in _SMALL_M_TILES) <= SMALL_M_MAX_SPLIT
+
+
+def _small_m_make(block_n=32, block_k=32, warps=4, stages=1, split=1, interpreter=False):
+    """``make(BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)``; under the interpreter 32x32, no split
+    (tests force the split configs: tests/kernel_harness.py)."""
+    return _cfg(warps, stages, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
+
+
 _SMALL_M_TUNING = Tuning(
-    _per_family(
-        _two_block_make(("BLOCK_N", "BLOCK_K")),
-        _same_for_all_families(
-            [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)]
-        ),
-    ),
+    _per_family(_small_m_make, _same_for_all_families(_SMALL_M_TILES)),
     {"BLOCK_N": "N", "BLOCK_K": "K"},
     lambda c, args: (
         max(c.num_stages, 1)
@@ -352,7 +378,7 @@ _SMALL_M_TUNING = Tuning(
         )
     ),
     headroom=0.7,
-    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_K=32),
+    fallback=_cfg(num_warps=4, num_stages=2, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
 )
 
 
@@ -508,6 +534,8 @@ def _lora_fwd_small_m_kernel(
     b_ptr,
     y_ptr,
     u_ptr,  # x [M,K], W [N,K], bias [N], A [r,K], B [N,r], y [M,N], u [M,r]
+    part_ptr,  # SPLIT_K > 1: fp32 partials of y [SPLIT_K,M,N] then of u [SPLIT_K,M,r], contiguous
+    arrivals_ptr,  # SPLIT_K > 1: int32 [>= cdiv(M,BLOCK_M)·cdiv(N,BLOCK_N)], zero
     M,
     N,
     K,
@@ -535,17 +563,28 @@ def _lora_fwd_small_m_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Small-M forward, one kernel: in one K loop ``acc += x Wᵀ`` and ``xa += (m ⊙ x) Aᵀ``, then
-    ``u = s/(1-p)·xa``, ``y = acc + u Bᵀ + bias``. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
+    ``u = s/(1-p)·xa``, ``y = acc + u Bᵀ + bias``. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K).
 
-    Each program recomputes xa (A is [r, K], L2-resident) so no intermediate leaves registers;
-    programs with pid_n == 0 also store u, which backward needs.
+    Each program recomputes xa (A is [r, K], L2-resident) so nothing intermediate leaves the
+    kernel; programs with pid_n == 0 also store u, which backward needs.
+
+    SPLIT_K > 1: program (n, m, s) covers the s-th of SPLIT_K runs of K tiles. Its partial
+    ``x_s W_sᵀ + (s/(1-p)·x̂_s A_sᵀ) Bᵀ`` (y is linear in each K run's terms) goes to the y
+    partials' slice s and, for n = 0, its ``u_s`` to the u partials' slice s; then it counts itself in on its
+    tile's arrival word (acq_rel atomic, after a barrier: every thread's partial is stored).
+    The last of the SPLIT_K to arrive sums the tile's partials in split order (so the result
+    does not depend on arrival order), adds the bias, writes y (and u) and resets the word to
+    0 for the next launch.
     """
     seed = philox_seed(seed)
     DT = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    split_at = pid_s.to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     am = rm % M
@@ -553,12 +592,17 @@ def _lora_fwd_small_m_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < R
-    x_ptrs = x_ptr + am[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile [BLOCK_K, R_PAD]
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    run = tl.cdiv(k_tiles, SPLIT_K)  # K tiles per split
+    k_first = pid_s * run
+    k_end = tl.minimum(k_first + run, k_tiles)
+    k0 = k_first.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + am[:, None] * stride_xm + (k0 + offs_k[None, :]) * stride_xk
+    w_ptrs = w_ptr + (k0 + offs_k[:, None]) * stride_wk + an[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k[:, None]) * stride_ak  # Aᵀ tile [BLOCK_K, R_PAD]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_end):
         k_ok = offs_k < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
@@ -572,16 +616,40 @@ def _lora_fwd_small_m_kernel(
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
     u = xa * scale
-    u_ptrs = u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur
-    u_rows = tl.where(pid_n == 0, M, 0)  # only the first column of programs writes u
-    tl.store(u_ptrs, u, mask=(rm[:, None] < u_rows) & r_ok[None, :])
     b = tl.load(b_ptr + offs_r[:, None] * stride_br + an[None, :] * stride_bn, mask=r_ok[:, None], other=0.0)
     acc = dot_fp32_both(u, b, acc, DT, DOT_PREC, SPLIT_LORA)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + an)
-        acc += bias.to(tl.float32)[None, :]
+    rows_ok = rm[:, None] < M
+    u_rows = tl.where(pid_n == 0, M, 0)  # only the first column of programs writes u
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    y_ok = rows_ok & (rn[None, :] < N)
+    u_ptrs = u_ptr + rm[:, None] * stride_um + offs_r[None, :] * stride_ur
+    if SPLIT_K == 1:
+        tl.store(u_ptrs, u, mask=(rm[:, None] < u_rows) & r_ok[None, :])
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + an).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        mn = tl.cast(M, tl.int64) * N  # one slice of the y partials
+        u_part_ptr = part_ptr + SPLIT_K * mn
+        tile_at = rm[:, None] * N + rn[None, :]
+        u_at = rm[:, None] * R + offs_r[None, :]
+        u_ok = (rm[:, None] < u_rows) & r_ok[None, :]
+        tl.store(part_ptr + split_at * mn + tile_at, acc, mask=y_ok)
+        tl.store(u_part_ptr + split_at * M * R + u_at, u, mask=u_ok)
+        tl.debug_barrier()  # every thread's partial is stored before this program counts itself in
+        arrival_ptr = arrivals_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last of the tile's splits: sum them in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            u_total = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for split in range(SPLIT_K):
+                total += tl.load(part_ptr + split * mn + tile_at, mask=y_ok, other=0.0, cache_modifier=".cg")
+                u_total += tl.load(u_part_ptr + split * M * R + u_at, mask=u_ok, other=0.0, cache_modifier=".cg")
+            tl.store(u_ptrs, u_total, mask=u_ok)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + an).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_ok)
+            tl.atomic_xchg(arrival_ptr, 0)
 
 
 @triton.autotune(
@@ -1189,13 +1257,43 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
     )
 
 
+_SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, stream) -> (arrivals, partials)
+
+
+def _split_scratch(device: torch.device, words: int, floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(arrival words, partials)`` for a small-M launch on the current stream: at least
+    ``words`` zeroed int32 and ``floats`` fp32 (uninitialized), used only by split-K configs.
+
+    The kernel leaves every arrival word it used at 0 again and rewrites the partials it reads,
+    so one pair per (device, stream), grown when a launch needs more, serves every launch there
+    without a memset or an allocation (launches on one stream never overlap; two streams get two
+    pairs). Held: at most ``SMALL_M_MAX_SPLIT · 64 · (N + 256)`` floats (15 MiB at N = 14336).
+    While a CUDA graph is being captured fresh tensors are taken instead: the graph then zeroes
+    its own words on every replay, and a buffer created during capture would hold garbage
+    outside the graph (its memset runs only on replay)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(words, dtype=torch.int32, device=device), torch.empty(floats, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    found = _SPLIT_SCRATCH.get(key)
+    if found is None or found[0].numel() < words or found[1].numel() < floats:
+        found = _SPLIT_SCRATCH[key] = (
+            torch.zeros(max(words, 1024), dtype=torch.int32, device=device),
+            torch.empty(max(floats, 2**16), dtype=torch.float32, device=device),
+        )
+    return found
+
+
 def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) -> None:
-    """Small-M fused forward: y [M, N] and u [M, r] in one kernel."""
+    """Small-M fused forward: y [M, N] and u [M, r] in one kernel (split-K configs: partials in
+    :func:`_split_scratch`, sized for the largest split the autotuner may pick)."""
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
-    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m))  # noqa: E731
+    arrivals, partials = _split_scratch(
+        x.device, cdiv(M, block_m) * cdiv(N, MIN_DOT), SMALL_M_MAX_SPLIT * M * (N + r)
+    )  # BLOCK_N >= MIN_DOT
+    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m), META["SPLIT_K"])  # noqa: E731
     _lora_fwd_small_m[grid](
         x,
         weight,
@@ -1204,7 +1302,9 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         lora_B,
         y,
         u,
-        # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r]
+        partials,
+        arrivals,
+        # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r], [S·M·(N+r)], [tiles]
         M,
         N,
         K,

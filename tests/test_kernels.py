@@ -29,7 +29,7 @@ import math  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-from kernel_harness import interpreter_bf16_fixes, interpreting  # noqa: E402
+from kernel_harness import forced_config, interpreter_bf16_fixes, interpreting  # noqa: E402
 from tolerances import TOLERANCES, assert_close  # noqa: E402
 
 from lorafast import reference as ref  # noqa: E402
@@ -249,6 +249,42 @@ def test_small_m_path_equals_two_kernel_path(M):
     y2, u2 = lora_forward(x, w, b, a, bb, 0.5, 0.2, 77, path="triton")
     assert_close(u1, u2, F32)
     assert_close(y1, y2, F32)
+
+
+def split_small_m(split: int, block_n: int = 32, block_k: int = 32, warps: int = 4, stages: int = 1):
+    """Every small-M launch inside runs the split-K config ``(block_n, block_k, warps, stages, split)``."""
+    config = K.lora_linear._small_m_make(block_n, block_k, warps, stages, split)
+    return forced_config(K.lora_linear._lora_fwd_small_m, config)
+
+
+#: The small-M cases of CASES, and one with two row blocks (M = 70 > 64)
+SMALL_M_CASES = [case for case in CASES if case[0] <= 64] + [(70, 72, 40, 4, BF16, True, 0.1, F32)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", SMALL_M_CASES, ids=_case_id)
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_k_small_m_matches_reference(case, split):
+    """The split-K small-M configs (K runs of 32: 1 to 3 tiles over 2 or 4 splits, so some
+    splits are empty) give y and u to the reference's tolerance, and backward from their u."""
+    with split_small_m(split):
+        run_case(*case, path="small_m")
+
+
+@pytest.mark.interpreter
+def test_split_k_small_m_is_deterministic_and_leaves_its_arrival_words_zeroed():
+    """Partials are summed in split order (the same bits every run, on a GPU whatever order the
+    programs finish in) and close to the unsplit sum; the arrival words are 0 again after each launch."""
+    x, w, b, a, bb, _ = make_inputs(33, 72, 40, 8, F32, True)
+    with split_small_m(1):
+        unsplit = lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="small_m")
+    with split_small_m(3):
+        runs = [lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="small_m") for _ in range(2)]
+    words = [arrivals for (device, _), (arrivals, _) in K.lora_linear._SPLIT_SCRATCH.items() if device == x.device]
+    assert words and all(int(t.abs().sum()) == 0 for t in words)
+    for first, again, whole in zip(runs[0], runs[1], unsplit, strict=True):
+        assert torch.equal(first, again)
+        assert_close(first, whole, F32)
 
 
 @pytest.mark.interpreter
@@ -501,6 +537,46 @@ def test_gpu_small_odd_shapes_ordered_reduction(case):
 @pytest.mark.parametrize("M,path", [(16, None), (4096, "triton"), (4096, "cublas")])
 def test_gpu_real_size_bf16(M, path):
     run_case(M, 4096, 4096, 16, BF16, True, 0.1, F32, path=path, main_gemm=path, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("tile", [(64, 128, 4, 4, 2), (128, 64, 4, 4, 4), (64, 64, 4, 4, 4)], ids=str)
+def test_gpu_split_k_small_m_decode_sizes(M, tile):
+    """Each split-K small-M candidate at decode sizes (K = N = 4096, bf16, fp32 LoRA) against the
+    reference, then twice more: the same bits (partials summed in split order)."""
+    with split_small_m(tile[4], *tile[:4]):
+        run_case(M, 4096, 4096, 16, BF16, True, 0.1, F32, path="small_m", device="cuda")
+        x, w, b, a, bb, _ = make_inputs(M, 4096, 4096, 16, BF16, True, device="cuda")
+        runs = [lora_forward(x, w, b, a, bb, 2.0, 0.1, 5, path="small_m") for _ in range(3)]
+    for later in runs[1:]:
+        assert torch.equal(later[0], runs[0][0]) and torch.equal(later[1], runs[0][1])
+
+
+@gpu
+@needs_cuda
+def test_gpu_split_k_small_m_replays_from_a_cuda_graph():
+    """A split-K small-M launch captured in a CUDA graph (its arrival words zeroed by the graph),
+    replayed on new inputs, then run eagerly again: every result equals the eager one."""
+    x, w, b, a, bb, _ = make_inputs(4, 1024, 2048, 16, BF16, True, device="cuda")
+    static_x = x.clone()
+    with split_small_m(4, 128, 64, 4, 4):
+        eager = lora_forward(x, w, b, a, bb, 2.0, 0.0, 0, path="small_m")[0]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            lora_forward(static_x, w, b, a, bb, 2.0, 0.0, 0, path="small_m")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = lora_forward(static_x, w, b, a, bb, 2.0, 0.0, 0, path="small_m")[0]
+        for step in range(3):
+            new_x = x * (step + 2)
+            static_x.copy_(new_x)
+            graph.replay()
+            assert torch.equal(captured, lora_forward(new_x, w, b, a, bb, 2.0, 0.0, 0, path="small_m")[0]), step
+        assert torch.equal(lora_forward(x, w, b, a, bb, 2.0, 0.0, 0, path="small_m")[0], eager)
 
 
 @gpu
