@@ -39,8 +39,13 @@ from pathlib import Path
 
 import torch
 
-from lorafast import benchmark
-from lorafast.benchmark_suite import (
+# The GPU box installs nothing: there lorafast is the source tree (bench/gpu_check.sh links
+# lorafast/kernels into it), which a script run as ``python bench/profile_step.py`` does not see
+# (sys.path[0] is bench/). Where lorafast is installed this finds the same code.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from lorafast import benchmark  # noqa: E402
+from lorafast.benchmark_suite import (  # noqa: E402
     LorafastProvider,
     PeftProvider,
     TrainStepCase,

@@ -71,3 +71,18 @@ def test_synchronizations_are_counted_per_source_line(monkeypatch):
     assert profile_step.synchronizations(step, torch.device("cpu")) == {
         "not_measured": "host-device synchronization needs CUDA"
     }
+
+
+def test_runs_where_lorafast_is_not_installed():
+    """The GPU box installs nothing: run as a script, with the installed package's import hook
+    removed, the script must still import lorafast (from the source tree) and parse its options."""
+    uninstalled = (
+        "import runpy, sys; "
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        "sys.modules.pop('lorafast', None); "
+        f"sys.path[0] = {str(SCRIPT.parent)!r}; sys.argv = [{str(SCRIPT)!r}, '--help']; "
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", uninstalled], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "host vs GPU" in done.stdout
