@@ -2,14 +2,15 @@
 # GPU check (DESIGN.md §6): the CUDA tests (in parallel shards), the kernel benchmark,
 # `lorafast bench --quick`, then the train-step profile. Installs nothing, never sets
 # TRITON_INTERPRET; at most about 5.5 minutes on an H200: each stage has a timeout (tests 90 s,
-# kernel bench 105 s, lorafast bench 75 s, profile 60 s), after which it is sent SIGINT, so pytest
-# and the benchmarks still print and write what they have, and SIGKILL 10 s later.
+# kernel bench 95 s, lorafast bench 70 s, profile 60 s), after which it is sent SIGINT, so pytest
+# and the benchmarks still print and write what they have, and SIGKILL 5 s later (worst case
+# 335 s of stages).
 # Usage: bench/gpu_check.sh [OUT_DIR]
 #   OUT_DIR (default bench/results/) receives seven files (the device tool brings back at most
 #   eight): gpu_check.log (everything the stages printed), gpu_tests.log (every shard's pytest
 #   log, then the summary), gpu_tests.xml (the shards' JUnit suites in one file),
 #   kernel_bench.json, bench.json, bench.csv and profile_step.json.
-# Environment: PYTHON (default python), GPU_TEST_SHARDS (default 12), GPU_TESTS_TIMEOUT (seconds,
+# Environment: PYTHON (default python), GPU_TEST_SHARDS (default 16), GPU_TESTS_TIMEOUT (seconds,
 # default 90). Exit status: 0 when every stage passed, else the first failing stage's status
 # (124: a stage or a test shard ran out of time).
 set -uo pipefail
@@ -20,9 +21,9 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 unset TRITON_INTERPRET
 PY="${PYTHON:-python}"
-SHARDS="${GPU_TEST_SHARDS:-12}"
+SHARDS="${GPU_TEST_SHARDS:-16}"
 TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT:-90}"
-KILL_AFTER=10
+KILL_AFTER=5
 LOG="$OUT/gpu_check.log"
 for value in "$SHARDS" "$TESTS_TIMEOUT"; do
     case "$value" in
@@ -93,10 +94,10 @@ stage() {
     stage_rc=${PIPESTATUS[0]}
 }
 
-# kernel benchmark: starts no shape after 75 s (exit status 3 then), rewrites its JSON after each.
-stage "kernel bench" 105 "$PY" bench/kernel_bench.py --deadline-s 75 --json "$OUT/kernel_bench.json"
+# kernel benchmark: starts no shape after 65 s (exit status 3 then), rewrites its JSON after each.
+stage "kernel bench" 95 "$PY" bench/kernel_bench.py --deadline-s 65 --json "$OUT/kernel_bench.json"
 bench_rc=$stage_rc
-stage "lorafast bench --quick" 75 "$PY" -m lorafast.cli bench --quick --device cuda --no-progress \
+stage "lorafast bench --quick" 70 "$PY" -m lorafast.cli bench --quick --device cuda --no-progress \
     --json "$OUT/bench.json" --csv "$OUT/bench.csv"
 suite_rc=$stage_rc
 # after lorafast bench: the same shapes are in Triton's disk cache, only autotuning runs again

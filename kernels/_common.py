@@ -151,8 +151,9 @@ class TunedLauncher:
         self.autotuner.cache.clear()
 
     def _layout(self, args: tuple, meta: dict) -> tuple[tuple, tuple]:
-        # the argument types are part of the layout: an argument such as the seed may be an int
-        # in one call and a tensor in another (tuple(map(type, ...)): ~0.6 µs for 30 arguments)
+        # the argument types are part of the layout: a slot may hold an int in one call and a
+        # tensor in another, whose dtype the key then counts (tuple(map(type, ...)): ~0.6 µs for
+        # 30 arguments)
         layout = (tuple(map(type, args)), tuple(meta))
         found = self._layouts.get(layout)
         if found is None:
@@ -254,15 +255,49 @@ def drop_threshold(dropout_p: float) -> int:
     return min(round(float(dropout_p) * 2**16), 2**16 - 1)
 
 
+#: XORed into the kernels' integer seed word by :func:`seed_arguments` and back by :func:`philox_seed`.
+SEED_FLIP = 1 << 62
+_ZERO_SEEDS: dict[torch.device, torch.Tensor] = {}  # device -> int64 [1] zero: the pointer beside an int seed
+
+
+def keeps_buffers(device: torch.device) -> bool:
+    """Whether a launcher may keep a device buffer between calls on ``device``: off CUDA, and on
+    CUDA while the current stream is the default one. Elsewhere it takes fresh tensors per call: a
+    CUDA graph is never captured on the default stream (a buffer created while capturing is only
+    initialized when the graph replays), and torch.compile's CUDA-graph trees warm up and record
+    on a stream of their own, allocating from a private pool whose checkpoints may hand a kept
+    buffer's memory to other tensors."""
+    return device.type != "cuda" or torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+
+
+def seed_arguments(seed: int | torch.Tensor, device: torch.device) -> tuple[int, torch.Tensor]:
+    """The kernels' two seed arguments ``(seed_word, seed_ptr)``, whose Philox seed is
+    ``seed_word ^ *seed_ptr ^ SEED_FLIP`` (:func:`philox_seed`): an int seed s gives
+    ``(s ^ SEED_FLIP, a zero on the device)``, a device tensor seed t gives ``(SEED_FLIP, t)``.
+
+    Why two: a tensor seed keeps a CUDA-graph replay drawing new masks (it reads what the graph's
+    RNG wrote that step, where an integer is frozen into the graph), an int seed costs eager calls
+    no launch. With one argument that is sometimes an int and sometimes a pointer the kernels had
+    two compiled variants, and a graph captured after eager warm-up (int seeds) compiled and
+    loaded the pointer variant during capture, which CUDA forbids. Now both take the same one.
+    The flip keeps the word outside int32 (Triton types an int argument by its value: i32 or
+    i64, another variant), except for int seeds in ``[2**62, 2**62 + 2**31)``: correct, compiled
+    apart. The zero is kept per device where :func:`keeps_buffers` allows, else made per call."""
+    if isinstance(seed, torch.Tensor):
+        return SEED_FLIP, seed
+    keep = keeps_buffers(device)
+    zero = _ZERO_SEEDS.get(device) if keep else None
+    if zero is None:
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        if keep:
+            _ZERO_SEEDS[device] = zero
+    return int(seed) ^ SEED_FLIP, zero
+
+
 @triton.jit
-def philox_seed(seed):
-    """The Philox seed of a launch: ``seed`` itself when it is an integer argument, the int64 it
-    points to when it is a (1-element) tensor on the device. A tensor seed keeps the kernels
-    right under CUDA-graph replay (``torch.compile(mode="reduce-overhead")``): a replay reads the
-    seed the graph's RNG wrote this step, where an integer argument is frozen into the graph."""
-    if seed.dtype.is_ptr():
-        seed = tl.load(seed)
-    return seed
+def philox_seed(seed_word, seed_ptr):
+    """The Philox seed of a launch, ``seed_word ^ *seed_ptr ^ SEED_FLIP`` (:func:`seed_arguments`)."""
+    return (seed_word ^ tl.load(seed_ptr)) ^ 4611686018427387904  # SEED_FLIP, 2**62
 
 
 @triton.jit

@@ -111,11 +111,13 @@ from ._common import (
     grouped_pid,
     interpreting,
     keep_mask,
+    keeps_buffers,
     m_bucket,
     needs_split,
     next_pow2,
     padded_rank,
     philox_seed,
+    seed_arguments,
     smem_limit,
     stride_safe,
 )
@@ -407,6 +409,7 @@ def _lora_down_kernel(
     stride_ur,
     scale,  # s / (1 - p)
     seed,
+    seed_ptr,  # int64 [1]: the Philox seed is seed ^ *seed_ptr ^ SEED_FLIP (_common.seed_arguments)
     threshold,  # drop_threshold(p)
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -417,7 +420,7 @@ def _lora_down_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
-    seed = philox_seed(seed)
+    seed = philox_seed(seed, seed_ptr)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
@@ -554,6 +557,7 @@ def _lora_fwd_small_m_kernel(
     stride_ur,
     scale,  # s / (1 - p)
     seed,
+    seed_ptr,  # int64 [1]: the Philox seed is seed ^ *seed_ptr ^ SEED_FLIP (_common.seed_arguments)
     threshold,  # drop_threshold(p)
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -579,7 +583,7 @@ def _lora_fwd_small_m_kernel(
     does not depend on arrival order), adds the bias, writes y (and u) and resets the word to
     0 for the next launch.
     """
-    seed = philox_seed(seed)
+    seed = philox_seed(seed, seed_ptr)
     DT = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -786,6 +790,7 @@ def _lora_dx_kernel(
     stride_dak,
     inv_keep,  # 1 / (1 - p)
     seed,
+    seed_ptr,  # int64 [1]: the Philox seed is seed ^ *seed_ptr ^ SEED_FLIP (_common.seed_arguments)
     threshold,  # drop_threshold(p)
     GEMM: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
@@ -817,7 +822,7 @@ def _lora_dx_kernel(
     without the max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded
     before and after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
     """
-    seed = philox_seed(seed)
+    seed = philox_seed(seed, seed_ptr)
     DT = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -906,7 +911,7 @@ def _column_panel_product(
     pid_c,
     pid_r,
     scale,
-    seed,
+    seed,  # the Philox seed (philox_seed's)
     threshold,
     MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -975,6 +980,7 @@ def _lora_ordered_grads_kernel(
     stride_dak,
     inv_keep,  # 1 / (1 - p)
     seed,
+    seed_ptr,  # int64 [1]: the Philox seed is seed ^ *seed_ptr ^ SEED_FLIP (_common.seed_arguments)
     threshold,  # drop_threshold(p)
     HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -995,7 +1001,7 @@ def _lora_ordered_grads_kernel(
     and u / du are re-read once per column block (from L2: [M, r] fp32 is 512 KiB at M = 8192,
     r = 16); no [N, r] / [r, K] fp32 atomics (2·M/BLOCK_M·(N + K)·r of them).
     """
-    seed = philox_seed(seed)
+    seed = philox_seed(seed, seed_ptr)
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     num_db_programs = tl.cdiv(N, BLOCK_C)
@@ -1019,12 +1025,13 @@ def _keep_mask_kernel(
     M,
     K,
     seed,
+    seed_ptr,  # int64 [1]: the Philox seed is seed ^ *seed_ptr ^ SEED_FLIP (_common.seed_arguments)
     threshold,  # drop_threshold(p)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Materialize the keep mask the other kernels regenerate (tests / debugging only)."""
-    seed = philox_seed(seed)
+    seed = philox_seed(seed, seed_ptr)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_start = tl.program_id(1).to(tl.int64) * BLOCK_K
     rk = col_start + tl.arange(0, BLOCK_K)
@@ -1050,7 +1057,8 @@ class LoraScalars:
 
     scaling: float
     dropout_p: float
-    seed: int
+    seed_word: int  # with seed_ptr, the kernels' seed arguments (_common.seed_arguments)
+    seed_ptr: torch.Tensor
     split_lora: bool
 
     @property
@@ -1209,7 +1217,8 @@ def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
         u.stride(0),
         u.stride(1),
         sc.scaling * sc.inv_keep,
-        sc.seed,
+        sc.seed_word,
+        sc.seed_ptr,
         sc.threshold,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
@@ -1257,26 +1266,25 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
     )
 
 
-_SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, stream) -> (arrivals, partials)
+_SPLIT_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (arrivals, partials)
 
 
 def _split_scratch(device: torch.device, words: int, floats: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(arrival words, partials)`` for a small-M launch on the current stream: at least
-    ``words`` zeroed int32 and ``floats`` fp32 (uninitialized), used only by split-K configs.
+    """``(arrival words, partials)`` for a small-M launch: at least ``words`` zeroed int32 and
+    ``floats`` fp32 (uninitialized), used only by split-K configs.
 
     The kernel leaves every arrival word it used at 0 again and rewrites the partials it reads,
-    so one pair per (device, stream), grown when a launch needs more, serves every launch there
-    without a memset or an allocation (launches on one stream never overlap; two streams get two
-    pairs). Held: at most ``SMALL_M_MAX_SPLIT · 64 · (N + 256)`` floats (15 MiB at N = 14336).
-    While a CUDA graph is being captured fresh tensors are taken instead: the graph then zeroes
-    its own words on every replay, and a buffer created during capture would hold garbage
-    outside the graph (its memset runs only on replay)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    so where :func:`~lorafast.kernels._common.keeps_buffers` allows (the default stream) one pair
+    per device, grown when a launch needs more, serves every launch without a memset or an
+    allocation (launches on one stream never overlap). Held: at most
+    ``SMALL_M_MAX_SPLIT · 64 · (N + 256)`` floats (15 MiB at N = 14336). Elsewhere (CUDA-graph
+    capture, torch.compile's graph trees, side streams) a fresh pair per launch, the words zeroed
+    by a memset."""
+    if not keeps_buffers(device):
         return torch.zeros(words, dtype=torch.int32, device=device), torch.empty(floats, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    found = _SPLIT_SCRATCH.get(key)
+    found = _SPLIT_SCRATCH.get(device)
     if found is None or found[0].numel() < words or found[1].numel() < floats:
-        found = _SPLIT_SCRATCH[key] = (
+        found = _SPLIT_SCRATCH[device] = (
             torch.zeros(max(words, 1024), dtype=torch.int32, device=device),
             torch.empty(max(floats, 2**16), dtype=torch.float32, device=device),
         )
@@ -1322,7 +1330,8 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         u.stride(0),
         u.stride(1),
         sc.scaling * sc.inv_keep,
-        sc.seed,
+        sc.seed_word,
+        sc.seed_ptr,
         sc.threshold,
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=sc.has_dropout,
@@ -1366,7 +1375,9 @@ def lora_forward(
     """
     M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
     check_scalars(scaling, dropout_p, seed, x.device)
-    sc = LoraScalars(float(scaling), float(dropout_p), _seed_argument(seed), needs_split(x.dtype, lora_A, lora_B))
+    sc = LoraScalars(
+        float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
+    )
     if path is None:
         path = "small_m" if M <= SMALL_M_MAX else choose_main_gemm(M, N, K, x.device)
     if path not in ("small_m", "triton", "cublas"):
@@ -1420,7 +1431,8 @@ def _launch_ordered_grads(grad_y, u, db, x, du, da, sc: LoraScalars) -> None:
         K,
         1,
         sc.inv_keep,
-        sc.seed,
+        sc.seed_word,
+        sc.seed_ptr,
         sc.threshold,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
@@ -1463,7 +1475,9 @@ def lora_backward(
         check_scalars(scaling, dropout_p, seed, x.device)
     M, K = x.shape
     N, r = lora_B.shape
-    sc = LoraScalars(float(scaling), float(dropout_p), _seed_argument(seed), needs_split(x.dtype, lora_A, lora_B))
+    sc = LoraScalars(
+        float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
+    )
     if main_gemm is None:
         main_gemm = choose_main_gemm(M, K, N, x.device)
     if main_gemm not in ("triton", "cublas"):
@@ -1554,7 +1568,8 @@ def lora_backward(
                 K,
                 1,
                 sc.inv_keep,
-                sc.seed,
+                sc.seed_word,
+                sc.seed_ptr,
                 sc.threshold,
                 GEMM=needs_grad_x and not use_cublas,
                 COMPUTE_DX=needs_grad_x,
@@ -1576,11 +1591,6 @@ def lora_backward(
     return dx, grad_A, grad_B
 
 
-def _seed_argument(seed: int | torch.Tensor) -> int | torch.Tensor:
-    """The kernels' ``seed`` argument: the int, or the tensor itself (they load it: ``philox_seed``)."""
-    return seed if isinstance(seed, torch.Tensor) else int(seed)
-
-
 def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
     ``keep = lane >= round(p · 2**16)``, ``lane`` the 16-bit half ``col % 2`` of word ``(col // 2) % 4``
@@ -1593,5 +1603,6 @@ def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float
             raise ValueError("dropout_keep_mask needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         bm, bk = (16, 64) if interpreting() else (32, 128)
         grid = (cdiv(M, bm), cdiv(K, bk))
-        _keep_mask_kernel[grid](out, M, K, _seed_argument(seed), drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+        seed_word, seed_ptr = seed_arguments(seed, device)
+        _keep_mask_kernel[grid](out, M, K, seed_word, seed_ptr, drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
     return out.view(torch.bool)

@@ -78,9 +78,10 @@ def use_triton(device: torch.device) -> bool:
 
 
 def _kernel_seed(seed: torch.Tensor | int, device: torch.device) -> int | torch.Tensor:
-    """The seed as the kernels take it: the tensor itself when it lives on the tensors' device
-    (the kernels load it, which stays right under CUDA-graph replay), else its value (a CPU
-    scalar: reading it does not synchronize; eager autograd keeps it as an int already)."""
+    """The seed as the kernels' launchers take it: the tensor itself when it lives on the tensors'
+    device (the kernels load it, which stays right under CUDA-graph replay), else its value (a
+    CPU scalar: reading it does not synchronize; eager autograd keeps it as an int already). Both
+    launch the same compiled kernels (``lorafast.kernels._common.seed_arguments``)."""
     if isinstance(seed, int):
         return seed
     return seed if seed.device == device else int(seed)

@@ -6,6 +6,7 @@ first H200 run lost its one failure's message that way).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -71,3 +72,14 @@ def test_usage_error_without_arguments():
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_gpu_check_fits_in_six_minutes():
+    """The stages' timeouts plus their SIGKILL grace add up to at most 345 s, leaving the start-up
+    (two imports) inside the 6 minutes a GPU check may take."""
+    text = (REPO / "bench" / "gpu_check.sh").read_text()
+    stages = [int(seconds) for seconds in re.findall(r'^stage "[^"]+" (\d+) ', text, re.MULTILINE)]
+    tests = int(re.search(r"GPU_TESTS_TIMEOUT:-(\d+)", text).group(1))
+    kill_after = int(re.search(r"^KILL_AFTER=(\d+)", text, re.MULTILINE).group(1))
+    assert len(stages) == 3, stages  # kernel bench, lorafast bench, train-step profile
+    assert tests + sum(stages) + kill_after * (1 + len(stages)) <= 345

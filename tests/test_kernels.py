@@ -280,7 +280,7 @@ def test_split_k_small_m_is_deterministic_and_leaves_its_arrival_words_zeroed():
         unsplit = lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="small_m")
     with split_small_m(3):
         runs = [lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="small_m") for _ in range(2)]
-    words = [arrivals for (device, _), (arrivals, _) in K.lora_linear._SPLIT_SCRATCH.items() if device == x.device]
+    words = [arrivals for device, (arrivals, _) in K.lora_linear._SPLIT_SCRATCH.items() if device == x.device]
     assert words and all(int(t.abs().sum()) == 0 for t in words)
     for first, again, whole in zip(runs[0], runs[1], unsplit, strict=True):
         assert torch.equal(first, again)
@@ -383,6 +383,38 @@ def test_a_seed_tensor_draws_the_masks_of_its_value():
     for bad in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], device="meta")):
         with pytest.raises(ValueError, match="a tensor seed must be one int64 element"):
             lora_forward(x, w, b, a, bb, 2.0, 0.3, bad)
+
+
+@pytest.mark.interpreter
+def test_int_and_tensor_seeds_launch_the_same_kernel_variant(monkeypatch):
+    """A graph captured after eager warm-up (int seeds) passes tensor seeds: nothing may be
+    autotuned or compiled then (CUDA forbids loading a module while capturing). Both kinds of
+    seed give the kernels the same argument types: an int word outside int32 (Triton types ints
+    by value) and an int64 pointer; so after int-seed calls, tensor-seed ones reach no autotuner."""
+    from lorafast.kernels._common import SEED_FLIP, TunedLauncher, seed_arguments
+
+    for seed in (0, 1, 1234, 2**31, 2**40 + 17, 2**62 - 1, torch.tensor(5, device=DEVICE)):
+        word, pointer = seed_arguments(seed, torch.device(DEVICE))
+        assert isinstance(word, int) and not -(2**31) <= word < 2**31, seed
+        assert pointer.dtype == torch.int64 and pointer.numel() == 1 and pointer.device.type == DEVICE
+        value = int(seed) if isinstance(seed, int) else int(pointer)
+        assert word ^ int(pointer) ^ SEED_FLIP == value
+    x, w, b, a, bb, dy = make_inputs(70, 40, 24, 8, F32, True)
+    paths = [("small_m", "atomic"), ("triton", "ordered"), ("cublas", "atomic")]
+    for path, reduction in paths:  # int seeds: compiled, autotuned, memoized
+        _, u = lora_forward(x, w, b, a, bb, 2.0, 0.3, 2**40 + 17, path=path)
+        lora_backward(dy, x, w, a, bb, u, 2.0, 0.3, 2**40 + 17, reduction=reduction)
+    dropout_keep_mask(2**40 + 17, 70, 40, 0.3, DEVICE)
+    tuned = []
+    for launcher in vars(K.lora_linear).values():
+        if isinstance(launcher, TunedLauncher):
+            run = launcher.autotuner.run
+            monkeypatch.setattr(launcher.autotuner, "run", lambda *a, run=run, **k: tuned.append(a) or run(*a, **k))
+    seed_tensor = torch.tensor(2**40 + 18, device=DEVICE)
+    for path, reduction in paths:
+        _, u = lora_forward(x, w, b, a, bb, 2.0, 0.3, seed_tensor, path=path)
+        lora_backward(dy, x, w, a, bb, u, 2.0, 0.3, seed_tensor, reduction=reduction)
+    assert tuned == []
 
 
 @pytest.mark.interpreter

@@ -61,8 +61,9 @@ def test_memoized_launches_get_the_autotuners_config_for_their_key():
 
 
 def test_an_argument_that_is_a_tensor_in_one_call_and_an_int_in_another():
-    """The kernels' seed is an int, or a tensor they load it from: the memo key follows the
-    autotuner's, which counts a tensor argument's dtype, and neither call layout breaks the other."""
+    """A slot that holds an int in one call and a tensor in another (as the kernels' seed did
+    before it became an int word beside a pointer): the memo key follows the autotuner's, which
+    counts a tensor argument's dtype, and neither call layout breaks the other."""
     fake = FakeAutotuner()
     launcher = TunedLauncher(fake)
     x = torch.empty(2)
