@@ -24,7 +24,8 @@ GPU idle time waiting for the host counts), ``*_host_ms`` the time a call takes 
 per shape says which. ``kernel_breakdown`` (training 8192×4096×4096 and decode M=1): device
 time per kernel of one fused call, from torch.profiler (training: also
 ``kernel_breakdown_ordered``, the same call with the ordered reduction). Each row has ``elapsed_s``, the wall
-time it took (compiles and autotuning included).
+time it took (compiles and autotuning included). ``autotune_choices``: per kernel, the config
+autotuning chose for each key (e.g. whether a split-K small-M config won at decode).
 
     python bench/kernel_bench.py --json bench/results/kernel_bench.json     # GPU, ~2-3 min
     python bench/kernel_bench.py --dry-run                                   # CPU smoke test
@@ -410,6 +411,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         """Rewrite the JSON (atomically) with everything measured so far."""
+        results["autotune_choices"] = kernels.autotune_choices()
         if args.json is not None:
             with benchmark.atomic_output(args.json) as handle:
                 handle.write(json.dumps(results, indent=2))

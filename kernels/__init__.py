@@ -9,6 +9,7 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
     dropout_keep_mask(seed, M, K, dropout_p, device) -> bool [M, K]
     lora_merge_(weight, lora_A, lora_B, scaling, sign=1.0) -> None
     choose_main_gemm(M, N, K, device) -> "triton" | "cublas"
+    autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
 
 Dots run in x's dtype with fp32 accumulation; with fp16/bf16 x and fp32 LoRA params every
@@ -19,6 +20,7 @@ as PEFT's fp32 LoRA branch (measurements in :mod:`lorafast.kernels.lora_linear`)
 from ._common import MAX_RANK, SMALL_M_MAX
 from .lora_linear import (
     MAIN_GEMM_TABLE,
+    autotune_choices,
     choose_main_gemm,
     choose_reduction,
     dropout_keep_mask,
@@ -31,6 +33,7 @@ __all__ = [
     "MAIN_GEMM_TABLE",
     "MAX_RANK",
     "SMALL_M_MAX",
+    "autotune_choices",
     "choose_main_gemm",
     "choose_reduction",
     "dropout_keep_mask",

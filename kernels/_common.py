@@ -144,6 +144,11 @@ class TunedLauncher:
     def __getitem__(self, grid):
         return lambda *args, **meta: self._launch(grid, args, meta)
 
+    def choices(self) -> list[dict]:
+        """The configs chosen so far, one ``{"key": [...], "config": {...}}`` per memo key (key
+        values as strings: dtypes are not JSON), for benchmarks to report what autotuning picked."""
+        return [{"key": [str(v) for v in key], "config": dict(config)} for key, config in self._configs.items()]
+
     def forget(self) -> None:
         """Drop every config chosen so far (and the autotuner's cache): the next launch of each
         key goes through the autotuner again, e.g. after its config list was changed."""

@@ -1048,6 +1048,20 @@ _lora_fwd_small_m = TunedLauncher(_lora_fwd_small_m_kernel)
 _lora_dy = TunedLauncher(_lora_dy_kernel)
 _lora_dx = TunedLauncher(_lora_dx_kernel)
 _lora_ordered_grads = TunedLauncher(_lora_ordered_grads_kernel)
+_LAUNCHERS = {
+    "F1 down": _lora_down,
+    "F2 forward main": _lora_fwd_main,
+    "small-M forward": _lora_fwd_small_m,
+    "B1 dY": _lora_dy,
+    "B2 dX": _lora_dx,
+    "ordered grads": _lora_ordered_grads,
+}
+
+
+def autotune_choices() -> dict[str, list[dict]]:
+    """Per kernel, the configs autotuning chose so far in this process (``TunedLauncher.choices``):
+    what bench/kernel_bench.py reports, e.g. whether the small-M kernel's split-K configs win."""
+    return {name: launcher.choices() for name, launcher in _LAUNCHERS.items()}
 
 
 @dataclass(frozen=True)

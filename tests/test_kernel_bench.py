@@ -36,6 +36,10 @@ def test_dry_run_writes_every_row(tmp_path):
     results = json.loads(out.read_text())
     assert len(results["train"]) == 2 and len(results["decode"]) == 2 and results["skipped_shapes"] == []
     assert set(results["not_measured"]) == {"*_graph_ms", "kernel_breakdown"}
+    choices = results["autotune_choices"]  # the interpreter's one config per kernel, as chosen
+    assert {"small-M forward", "F1 down", "B2 dX"} <= set(choices)
+    assert all(choice["config"]["SPLIT_K"] == 1 for choice in choices["small-M forward"])
+    assert choices["small-M forward"] and choices["B2 dX"]
     for row in results["train"]:
         for key in (
             "base_ms",

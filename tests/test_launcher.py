@@ -60,6 +60,22 @@ def test_memoized_launches_get_the_autotuners_config_for_their_key():
     assert fake.direct[-1][2] == {"FLAG": False, "BLOCK": 64, "num_warps": 4}
 
 
+def test_choices_list_each_memoized_key_and_forget_clears_them():
+    fake = FakeAutotuner()
+    fake.cache = {"stale": None}
+    launcher = TunedLauncher(fake)
+    _call(launcher, 100)
+    _call(launcher, 100, flag=False, dtype=torch.float16)
+    assert launcher.choices() == [
+        {"key": ["128", "8", "True", "torch.float32", "torch.float32"], "config": {"BLOCK": 32, "num_warps": 4}},
+        {"key": ["128", "8", "False", "torch.float16", "torch.float32"], "config": {"BLOCK": 64, "num_warps": 4}},
+    ]
+    launcher.forget()
+    assert launcher.choices() == [] and fake.cache == {}
+    _call(launcher, 100)
+    assert len(fake.tuned) == 3  # through the autotuner again
+
+
 def test_an_argument_that_is_a_tensor_in_one_call_and_an_int_in_another():
     """A slot that holds an int in one call and a tensor in another (as the kernels' seed did
     before it became an int word beside a pointer): the memo key follows the autotuner's, which
