@@ -287,14 +287,16 @@ def seed_arguments(seed: int | torch.Tensor, device: torch.device) -> tuple[int,
     loaded the pointer variant during capture, which CUDA forbids. Now both take the same one.
     The flip keeps the word outside int32 (Triton types an int argument by its value: i32 or
     i64, another variant), except for int seeds in ``[2**62, 2**62 + 2**31)``: correct, compiled
-    apart. The zero is kept per device where :func:`keeps_buffers` allows, else made per call."""
+    apart. The zero is made where :func:`keeps_buffers` allows and kept per (indexed) device; it
+    is only ever read, so every stream and graph may use it; before it exists, calls elsewhere
+    make their own. ``seed_ptr`` is not specialized on its 16-byte alignment either
+    (``do_not_specialize``): a tensor seed that is a view would otherwise be another variant."""
     if isinstance(seed, torch.Tensor):
         return SEED_FLIP, seed
-    keep = keeps_buffers(device)
-    zero = _ZERO_SEEDS.get(device) if keep else None
+    zero = _ZERO_SEEDS.get(device)
     if zero is None:
         zero = torch.zeros(1, dtype=torch.int64, device=device)
-        if keep:
+        if keeps_buffers(device):
             _ZERO_SEEDS[device] = zero
     return int(seed) ^ SEED_FLIP, zero
 

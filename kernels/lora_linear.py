@@ -392,7 +392,7 @@ _SMALL_M_TUNING = Tuning(
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_DOWN_TUNING.prune_configs_by(),
 )
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_down_kernel(
     x_ptr,
     a_ptr,
@@ -420,7 +420,8 @@ def _lora_down_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """F1: ``u[m, j] = s/(1-p) · Σ_k m[m,k]·x[m,k]·A[j,k]``; grid (cdiv(M, BLOCK_M), R_PAD / BLOCK_R)."""
-    seed = philox_seed(seed, seed_ptr)
+    if HAS_DROPOUT:  # the seed's 8 bytes are read only when a mask is drawn
+        seed = philox_seed(seed, seed_ptr)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
@@ -528,7 +529,7 @@ def _lora_fwd_main_kernel(
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
     prune_configs_by=_SMALL_M_TUNING.prune_configs_by(),
 )
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_fwd_small_m_kernel(
     x_ptr,
     w_ptr,
@@ -583,7 +584,8 @@ def _lora_fwd_small_m_kernel(
     does not depend on arrival order), adds the bias, writes y (and u) and resets the word to
     0 for the next launch.
     """
-    seed = philox_seed(seed, seed_ptr)
+    if HAS_DROPOUT:  # the seed's 8 bytes are read only when a mask is drawn
+        seed = philox_seed(seed, seed_ptr)
     DT = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -759,7 +761,7 @@ def _lora_dy_kernel(
     prune_configs_by=_BACKWARD_TUNING.prune_configs_by(),
     reset_to_zero=["da_ptr"],
 )
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_dx_kernel(
     dy_ptr,
     w_ptr,
@@ -822,7 +824,8 @@ def _lora_dx_kernel(
     without the max-scale): fp16 254 regs, no spill; bf16 255 regs + 16 B, spilled and reloaded
     before and after the main loop, not in it (SASS: the STL / LDL sit outside the HGMMA loop).
     """
-    seed = philox_seed(seed, seed_ptr)
+    if HAS_DROPOUT:  # the seed's 8 bytes are read only when a mask is drawn
+        seed = philox_seed(seed, seed_ptr)
     DT = dy_ptr.dtype.element_ty
     pid_m, pid_k = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -952,7 +955,7 @@ def _column_panel_product(
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_ORDERED_GRADS_TUNING.prune_configs_by(),
 )
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_ordered_grads_kernel(
     dy_ptr,
     u_ptr,
@@ -1001,7 +1004,8 @@ def _lora_ordered_grads_kernel(
     and u / du are re-read once per column block (from L2: [M, r] fp32 is 512 KiB at M = 8192,
     r = 16); no [N, r] / [r, K] fp32 atomics (2·M/BLOCK_M·(N + K)·r of them).
     """
-    seed = philox_seed(seed, seed_ptr)
+    if HAS_DROPOUT:  # the seed's 8 bytes are read only when a mask is drawn
+        seed = philox_seed(seed, seed_ptr)
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     num_db_programs = tl.cdiv(N, BLOCK_C)
@@ -1019,7 +1023,7 @@ def _lora_ordered_grads_kernel(
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _keep_mask_kernel(
     out_ptr,  # [M, K] uint8 (viewed as bool)
     M,
@@ -1295,7 +1299,10 @@ def _split_scratch(device: torch.device, words: int, floats: int) -> tuple[torch
     capture, torch.compile's graph trees, side streams) a fresh pair per launch, the words zeroed
     by a memset."""
     if not keeps_buffers(device):
-        return torch.zeros(words, dtype=torch.int32, device=device), torch.empty(floats, device=device)
+        return (
+            torch.zeros(words, dtype=torch.int32, device=device),
+            torch.empty(floats, dtype=torch.float32, device=device),
+        )
     found = _SPLIT_SCRATCH.get(device)
     if found is None or found[0].numel() < words or found[1].numel() < floats:
         found = _SPLIT_SCRATCH[device] = (
@@ -1609,9 +1616,9 @@ def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float
     """The bool keep mask ``[M, K]`` every kernel draws for ``(seed, row, col)``:
     ``keep = lane >= round(p · 2**16)``, ``lane`` the 16-bit half ``col % 2`` of word ``(col // 2) % 4``
     of ``Philox(seed; counter = (col // 8, row, 0, 0))`` (see ``_common.keep_mask``)."""
-    device = torch.device(device)
-    check_scalars(1.0, dropout_p, seed, device)
     out = torch.empty((M, K), dtype=torch.uint8, device=device)
+    device = out.device  # indexed ("cuda" -> "cuda:0"): the seed must live there, its zero is kept per index
+    check_scalars(1.0, dropout_p, seed, device)
     if M * K > 0:
         if device.type == "cpu" and not interpreting():
             raise ValueError("dropout_keep_mask needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")

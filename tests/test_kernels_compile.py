@@ -169,3 +169,64 @@ def test_untuned_launches_run_a_config_the_prune_keeps(arch):
     gemm_ran = {row["ran"] for row in report if row["kernel"].endswith(("_fwd_main_kernel", "_dx_kernel"))}
     assert GEMM_DEFAULTS[arch] <= gemm_ran, f"sm_{arch}: the main GEMMs ran {sorted(gemm_ran)}"
     assert not wrong, "\n".join(wrong)
+
+
+_SEED_SPECIALIZATIONS = r"""
+import json, sys, torch
+sys.path.insert(0, "bench")
+import compile_check as cc
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+from lorafast import kernels
+
+
+def specializations(seed):
+    meta, bf16, f32 = "meta", torch.bfloat16, torch.float32
+    x, w = torch.empty(70, 256, dtype=bf16, device=meta), torch.empty(384, 256, dtype=bf16, device=meta)
+    a, b = torch.empty(16, 256, dtype=f32, device=meta), torch.empty(384, 16, dtype=f32, device=meta)
+    dy, u = torch.empty(70, 384, dtype=bf16, device=meta), torch.empty(70, 16, dtype=f32, device=meta)
+    launches = []
+    with cc.recording(launches), cc._target_arch(90):
+        for path in ("small_m", "triton", "cublas"):
+            kernels.lora_forward(x, w, None, a, b, 2.0, 0.1, seed, path=path)
+        for reduction in ("atomic", "ordered"):
+            kernels.lora_backward(dy, x, w, a, b, u, 2.0, 0.1, seed, reduction=reduction)
+        kernels.dropout_keep_mask(seed, 70, 256, 0.1, meta)
+    objects, rows = cc._kernel_objects(), []
+    for name, args, _ in launches:
+        fn = cc._jit_fn(objects[name])
+        rows.append([name] + [
+            list(native_specialize_impl(
+                BaseBackend, value, False, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+            ))
+            for p, value in zip([p for p in fn.params if not p.is_constexpr], args)
+        ])
+    return rows
+
+
+seeds = torch.empty(4, dtype=torch.int64, device="meta")
+print(json.dumps({
+    "int": specializations(2**40 + 17),
+    "small int": specializations(5),
+    "tensor": specializations(seeds[0]),
+    "unaligned tensor view": specializations(seeds[1]),
+}))
+"""
+
+
+def test_int_and_tensor_seeds_specialize_every_kernel_alike():
+    """What Triton's JIT binder (this triton) makes of each launch's arguments, with an int seed,
+    a small int seed, a tensor seed and a tensor seed 8 bytes off 16-byte alignment: the same
+    signature and specialization for every kernel, so a CUDA graph captured after eager warm-up
+    (int seeds) with tensor seeds compiles nothing. (Recorded on meta tensors; views of them
+    carry their byte offsets.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SEED_SPECIALIZATIONS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_int = report.pop("int")
+    assert {row[0] for row in by_int} >= {k for k in EXPECTED_KERNELS if "merge" not in k}
+    for kind, rows in report.items():
+        assert rows == by_int, kind
