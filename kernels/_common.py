@@ -168,9 +168,19 @@ class TunedLauncher:
             found = self._layouts[layout] = (sources, tensors)
         return found
 
-    def _launch(self, grid, args: tuple, meta: dict):
+    def _key(self, args: tuple, meta: dict) -> tuple:
         sources, tensors = self._layout(args, meta)
-        key = tuple(args[s] if isinstance(s, int) else meta[s] for s in sources) + tuple(args[i].dtype for i in tensors)
+        return tuple(args[s] if isinstance(s, int) else meta[s] for s in sources) + tuple(
+            args[i].dtype for i in tensors
+        )
+
+    def memoized(self, args: tuple, meta: dict) -> dict | None:
+        """The config a launch with these arguments will run, if autotuning chose it already (else
+        None: the launch goes through the autotuner, which may try every config)."""
+        return self._configs.get(self._key(args, meta))
+
+    def _launch(self, grid, args: tuple, meta: dict):
+        key = self._key(args, meta)
         config = self._configs.get(key)
         if config is not None:
             return self.autotuner.fn[grid](*args, **meta, **config)

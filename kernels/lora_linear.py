@@ -1285,11 +1285,12 @@ def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bo
 
 
 _SPLIT_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (arrivals, partials)
+_NO_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> 1-element stand-ins
 
 
 def _split_scratch(device: torch.device, words: int, floats: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(arrival words, partials)`` for a small-M launch: at least ``words`` zeroed int32 and
-    ``floats`` fp32 (uninitialized), used only by split-K configs.
+    """``(arrival words, partials)`` for a small-M launch that may run a split-K config: at least
+    ``words`` zeroed int32 and ``floats`` fp32 (uninitialized).
 
     The kernel leaves every arrival word it used at 0 again and rewrites the partials it reads,
     so where :func:`~lorafast.kernels._common.keeps_buffers` allows (the default stream) one pair
@@ -1312,18 +1313,29 @@ def _split_scratch(device: torch.device, words: int, floats: int) -> tuple[torch
     return found
 
 
+def _no_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-ins of the scratch's dtypes for a launch whose config does not split K, which never
+    dereferences them (so one pair per device serves every stream and graph, even if its memory
+    were handed to other tensors): no memset or allocation per launch."""
+    found = _NO_SCRATCH.get(device)
+    if found is None:
+        found = _NO_SCRATCH[device] = (
+            torch.empty(1, dtype=torch.int32, device=device),
+            torch.empty(1, dtype=torch.float32, device=device),
+        )
+    return found
+
+
 def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) -> None:
-    """Small-M fused forward: y [M, N] and u [M, r] in one kernel (split-K configs: partials in
-    :func:`_split_scratch`, sized for the largest split the autotuner may pick)."""
+    """Small-M fused forward: y [M, N] and u [M, r] in one kernel. The split-K scratch
+    (:func:`_split_scratch`, sized for the largest split the autotuner may pick) is passed only
+    when the launch may run a split config: autotuning, or a split config chosen for its key."""
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
-    arrivals, partials = _split_scratch(
-        x.device, cdiv(M, block_m) * cdiv(N, MIN_DOT), SMALL_M_MAX_SPLIT * M * (N + r)
-    )  # BLOCK_N >= MIN_DOT
-    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m), META["SPLIT_K"])  # noqa: E731
-    _lora_fwd_small_m[grid](
+    arrivals, partials = _no_scratch(x.device)
+    args = [
         x,
         weight,
         bias if bias is not None else x,
@@ -1338,22 +1350,18 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         N,
         K,
         r,
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        y.stride(0),
-        y.stride(1),
-        u.stride(0),
-        u.stride(1),
+        *x.stride(),
+        *weight.stride(),
+        *lora_A.stride(),
+        *lora_B.stride(),
+        *y.stride(),
+        *u.stride(),
         sc.scaling * sc.inv_keep,
         sc.seed_word,
         sc.seed_ptr,
         sc.threshold,
+    ]
+    meta = dict(
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
@@ -1361,6 +1369,12 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         R_PAD=padded_rank(r),
         BLOCK_M=block_m,
     )
+    chosen = _lora_fwd_small_m.memoized(args, meta)
+    if chosen is None or chosen["SPLIT_K"] > 1:
+        words = cdiv(M, block_m) * cdiv(N, MIN_DOT)  # BLOCK_N >= MIN_DOT
+        args[8], args[7] = _split_scratch(x.device, words, SMALL_M_MAX_SPLIT * M * (N + r))
+    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m), META["SPLIT_K"])  # noqa: E731
+    _lora_fwd_small_m[grid](*args, **meta)
 
 
 def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:

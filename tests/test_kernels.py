@@ -272,6 +272,24 @@ def test_split_k_small_m_matches_reference(case, split):
 
 
 @pytest.mark.interpreter
+def test_unsplit_small_m_launches_take_no_scratch(monkeypatch):
+    """The split-K scratch (a memset per launch off the default stream, e.g. in a captured decode
+    graph) is taken only by launches that may split: autotuning, or a split config chosen."""
+    taken = []
+    take = K.lora_linear._split_scratch
+    monkeypatch.setattr(K.lora_linear, "_split_scratch", lambda *a: taken.append(a) or take(*a))
+    x, w, b, a, bb, _ = make_inputs(7, 72, 40, 8, F32, True)
+    for split, expected in [(1, [1, 1, 1]), (2, [1, 2, 3])]:
+        taken.clear()
+        with split_small_m(split):  # forgets earlier choices: the first launch goes through the autotuner
+            results = []
+            for _ in range(3):
+                results.append(lora_forward(x, w, b, a, bb, 2.0, 0.1, 9, path="small_m"))
+                assert len(taken) == expected[len(results) - 1], (split, len(results))
+        assert all(torch.equal(later[0], results[0][0]) for later in results)
+
+
+@pytest.mark.interpreter
 def test_split_k_small_m_is_deterministic_and_leaves_its_arrival_words_zeroed():
     """Partials are summed in split order (the same bits every run, on a GPU whatever order the
     programs finish in) and close to the unsplit sum; the arrival words are 0 again after each launch."""
