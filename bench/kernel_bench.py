@@ -10,8 +10,10 @@ fused op by its default small-M kernel (``fused_unmerged``) and by F1 + F2 + cuB
 path reads A once but launches three kernels).
 
 For each training shape the fused op is timed with the main GEMM forced to "triton" and to
-"cublas", and with the default choice (``choose_main_gemm``); the faster path is reported as
-``best_main_gemm`` (what ``lorafast.kernels.MAIN_GEMM_TABLE`` should hold). It is timed again
+"cublas", and by default, where its first call measures both and keeps the faster
+(``lorafast.kernels.main_gemm``; ``main_gemm_chosen`` says what it kept, ``autotune_choices``
+under "main GEMM" its two times); ``best_main_gemm`` is the faster by this script's own,
+longer timings, a check on that choice. It is timed again
 with the backward's "ordered" reduction of dA / dB (no atomics, deterministic:
 ``choose_reduction``) as ``fused_ordered_ms``; ``best_reduction`` says which was faster.
 
@@ -258,9 +260,9 @@ def bench_train_shape(ctx, M, K, N) -> dict:
     row["fused_over_base"] = row["fused_ms"] / row["base_ms"]
     row["naive_over_base"] = row["naive_ms"] / row["base_ms"]
     row["speedup_vs_naive"] = row["naive_ms"] / row["fused_ms"]
-    row["main_gemm_chosen"] = {
-        "forward": "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev),
-        "backward": kernels.choose_main_gemm(M, K, N, ctx.dev),
+    row["main_gemm_chosen"] = {  # what the default launches ran: measured per shape when autotuning
+        "forward": "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype),
+        "backward": kernels.choose_main_gemm(M, K, N, ctx.dev, ctx.dtype, direction="backward"),
     }
     row["best_main_gemm"] = "triton" if row["fused_triton_ms"] <= row["fused_cublas_ms"] else "cublas"
     row["reduction_chosen"] = kernels.choose_reduction()
@@ -307,7 +309,7 @@ def bench_decode_shape(ctx, M, K, N) -> dict:
     row["fused_over_merged_graph"] = ratio(row, "fused_unmerged_graph_ms", "merged_graph_ms")
     row["fused_cublas_over_merged_graph"] = ratio(row, "fused_cublas_unmerged_graph_ms", "merged_graph_ms")
     row["naive_over_merged"] = row["naive_unmerged_ms"] / row["merged_ms"]
-    row["path"] = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev)
+    row["path"] = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype)
     return row
 
 

@@ -8,7 +8,8 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
                   -> (grad_x, grad_A, grad_B)
     dropout_keep_mask(seed, M, K, dropout_p, device) -> bool [M, K]
     lora_merge_(weight, lora_A, lora_B, scaling, sign=1.0) -> None
-    choose_main_gemm(M, N, K, device) -> "triton" | "cublas"
+    choose_main_gemm(M, N, K, device, dtype, direction="forward") -> "triton" | "cublas"
+                  (the frozen GEMM's path: measured per shape on first use, see main_gemm)
     autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
 
@@ -19,18 +20,16 @@ as PEFT's fp32 LoRA branch (measurements in :mod:`lorafast.kernels.lora_linear`)
 
 from ._common import MAX_RANK, SMALL_M_MAX
 from .lora_linear import (
-    MAIN_GEMM_TABLE,
     autotune_choices,
-    choose_main_gemm,
     choose_reduction,
     dropout_keep_mask,
     lora_backward,
     lora_forward,
 )
+from .main_gemm import choose_main_gemm
 from .merge import lora_merge_
 
 __all__ = [
-    "MAIN_GEMM_TABLE",
     "MAX_RANK",
     "SMALL_M_MAX",
     "autotune_choices",

@@ -121,6 +121,7 @@ from ._common import (
     smem_limit,
     stride_safe,
 )
+from .main_gemm import MAIN_GEMM_CHOOSER, MAIN_GEMMS
 
 # ============================================================================ autotune configs
 #
@@ -1063,9 +1064,12 @@ _LAUNCHERS = {
 
 
 def autotune_choices() -> dict[str, list[dict]]:
-    """Per kernel, the configs autotuning chose so far in this process (``TunedLauncher.choices``):
-    what bench/kernel_bench.py reports, e.g. whether the small-M kernel's split-K configs win."""
-    return {name: launcher.choices() for name, launcher in _LAUNCHERS.items()}
+    """Per kernel, the configs autotuning chose so far in this process (``TunedLauncher.choices``),
+    and under "main GEMM" the paths measured per shape (``MainGemmChooser.choices``, with both
+    times): what bench/kernel_bench.py reports, e.g. whether the small-M kernel's split-K configs win."""
+    chosen = {name: launcher.choices() for name, launcher in _LAUNCHERS.items()}
+    chosen["main GEMM"] = MAIN_GEMM_CHOOSER.choices()
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -1090,39 +1094,6 @@ class LoraScalars:
     @property
     def inv_keep(self) -> float:
         return 1.0 / (1.0 - self.dropout_p)
-
-
-#: Measured main-GEMM choices, ``{(device_name, m_bucket, N, K): "triton" | "cublas"}``; filled
-#: from bench/kernel_bench.py results (empty: every shape uses the default).
-MAIN_GEMM_TABLE: dict[tuple[str, int, int, int], str] = {}
-_MAIN_GEMM_CHOICES = ("triton", "cublas")
-
-
-def choose_main_gemm(M: int, N: int, K: int, device) -> str:
-    """Which implementation runs the frozen GEMM of an ``[M, K] x [K, N]`` product: "triton"
-    (the fused-epilogue kernel F2/B2) or "cublas" (F2/B2 without their GEMM write the LoRA term,
-    then cuBLAS accumulates the frozen product onto it with ``addmm_``, beta = 1).
-
-    Order: env ``LORAFAST_MAIN_GEMM`` (forces one path), then :data:`MAIN_GEMM_TABLE`
-    (measurements per device and shape), else "cublas" on CUDA and "triton" elsewhere (the
-    interpreter). Measured on an H200 (2026-11-28, torch 2.11, triton 3.6, bf16, r=16, p=0.1,
-    fwd+bwd, bench/results/h200_kernel_bench.json): cuBLAS + the Triton epilogues beat the
-    fused-epilogue Triton GEMM at 5 of the 6 training shapes (K=N=4096 M=8192: 1.26 vs 1.45 ms;
-    K=N=5120 M=8192: 1.80 vs 2.19; K=N=8192 M=8192: 4.10 vs 4.98); the sixth (K=N=4096 M=2048)
-    flipped between two runs. (That run's cuBLAS variant ran its epilogue kernels after the GEMM,
-    reading y / dX back; the seeded variant has not been measured yet.) Backward asks with (M, K, N):
-    its output is [M, K] and it reduces over N. M <= 64 forward always uses the small-M kernel.
-    """
-    forced = os.environ.get("LORAFAST_MAIN_GEMM", "").strip().lower()
-    if forced in _MAIN_GEMM_CHOICES:
-        return forced
-    device = torch.device(device)
-    if device.type == "cuda" and MAIN_GEMM_TABLE:
-        name = torch.cuda.get_device_name(device)
-        choice = MAIN_GEMM_TABLE.get((name, m_bucket(M), int(N), int(K)))
-        if choice in _MAIN_GEMM_CHOICES:
-            return choice
-    return "cublas" if device.type == "cuda" else "triton"
 
 
 REDUCTIONS = ("atomic", "ordered")
@@ -1406,16 +1377,17 @@ def lora_forward(
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
     "triton" (F1 + F2) or "cublas" (F1, F2 writing the seed ``u Bᵀ + bias``, cuBLAS accumulating
-    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else :func:`choose_main_gemm`.
+    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main GEMM measured faster for
+    this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of y, so timing repeats it).
     """
     M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
     check_scalars(scaling, dropout_p, seed, x.device)
     sc = LoraScalars(
         float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
     )
-    if path is None:
-        path = "small_m" if M <= SMALL_M_MAX else choose_main_gemm(M, N, K, x.device)
-    if path not in ("small_m", "triton", "cublas"):
+    if path is None and M <= SMALL_M_MAX:
+        path = "small_m"
+    if path not in ("small_m", *MAIN_GEMMS, None):
         raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, r), dtype=torch.float32, device=x.device)
@@ -1426,10 +1398,14 @@ def lora_forward(
         _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc)
         return y, u
     _launch_down(x, lora_A, u, sc)
-    if path == "cublas":
-        _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc)
-    else:
-        _launch_fwd_main(x, weight, bias, u, lora_B, y, sc)
+
+    def main(gemm: str) -> None:  # F2, or F2's seed then cuBLAS
+        (_cublas_fwd_main if gemm == "cublas" else _launch_fwd_main)(x, weight, bias, u, lora_B, y, sc)
+
+    if path is None:
+        key = MAIN_GEMM_CHOOSER.key("forward", M, N, K, x.device, x.dtype)
+        path = MAIN_GEMM_CHOOSER.choose(key, x.device, lambda: main)
+    main(path)
     return y, u
 
 
@@ -1477,6 +1453,53 @@ def _launch_ordered_grads(grad_y, u, db, x, du, da, sc: LoraScalars) -> None:
     )
 
 
+def _launch_dx(
+    grad_y, weight, du, lora_A, x, dx, da, sc: LoraScalars, *, gemm: bool, compute_dx: bool, compute_da: bool
+) -> None:
+    """B2: dX [M, K] <- (``gemm``: dY W) + m ⊙ (du A)/(1-p) if ``compute_dx``; dA [r, K] += duᵀ (m ⊙ x)/(1-p)
+    if ``compute_da`` (fp32 atomics). A tensor whose flag is off is a stand-in, never written."""
+    M, N = grad_y.shape
+    K = x.shape[1]
+    r = lora_A.shape[0]
+    r_pad = padded_rank(r)
+    grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+    _lora_dx[grid](
+        grad_y,
+        weight,
+        du,
+        lora_A,
+        x,
+        dx,
+        da,  # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
+        M,
+        N,
+        K,
+        r,
+        m_bucket(M),
+        *grad_y.stride(),
+        *weight.stride(),
+        *du.stride(),
+        *lora_A.stride(),
+        *x.stride(),
+        K,  # dX and dA: contiguous
+        1,
+        K,
+        1,
+        sc.inv_keep,
+        sc.seed_word,
+        sc.seed_ptr,
+        sc.threshold,
+        GEMM=gemm,
+        COMPUTE_DX=compute_dx,
+        COMPUTE_DA=compute_da,
+        HAS_DROPOUT=sc.has_dropout,
+        DOT_PREC=dot_precision(x.dtype),
+        SPLIT_LORA=sc.split_lora,
+        R_PAD=r_pad,
+        BLOCK_R=min(r_pad, 32),
+    )
+
+
 def lora_backward(
     grad_y: torch.Tensor,  # [M, N]
     x: torch.Tensor,  # [M, K]
@@ -1501,8 +1524,9 @@ def lora_backward(
     and ``dA = duᵀ (m ⊙ x)/(1-p)`` from the same tiles (the mask regenerated from the seed).
     With ``reduction="ordered"`` B1 gives du only, B2 dX only, and ``_lora_ordered_grads_kernel``
     dA and dB without atomics (:func:`choose_reduction`, the default's rule).
-    ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default
-    :func:`choose_main_gemm` (M, K, N). ``validate=False`` skips the input checks, for callers
+    ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default: the one
+    measured faster for (M, K, N) (:mod:`~lorafast.kernels.main_gemm`; while measuring, B2's dA
+    atomics go to a scratch buffer). ``validate=False`` skips the input checks, for callers
     whose inputs are this module's own forward's (lorafast.ops' autograd: ~20 µs of Python).
     """
     if validate:
@@ -1513,9 +1537,7 @@ def lora_backward(
     sc = LoraScalars(
         float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
     )
-    if main_gemm is None:
-        main_gemm = choose_main_gemm(M, K, N, x.device)
-    if main_gemm not in ("triton", "cublas"):
+    if main_gemm not in (*MAIN_GEMMS, None):
         raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
     ordered = needs_grad_lora and choose_reduction(reduction) == "ordered"
     atomic_lora = needs_grad_lora and not ordered  # dB by B1's atomics, dA by B2's
@@ -1571,52 +1593,30 @@ def lora_backward(
         if ordered:
             _launch_ordered_grads(grad_y, u, db, x, du, da, sc)
         # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
-        use_cublas = needs_grad_x and main_gemm == "cublas"
-        grid2 = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-        if needs_grad_x or atomic_lora:  # else B2 has nothing to do
-            _lora_dx[grid2](
-                grad_y,
-                weight,
-                du,
-                lora_A,
-                x,
-                dx if dx is not None else scratch,
-                da if atomic_lora else scratch,
-                # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
-                M,
-                N,
-                K,
-                r,
-                m_bucket(M),
-                grad_y.stride(0),
-                grad_y.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                du.stride(0),
-                du.stride(1),
-                lora_A.stride(0),
-                lora_A.stride(1),
-                x.stride(0),
-                x.stride(1),
-                K,
-                1,
-                K,
-                1,
-                sc.inv_keep,
-                sc.seed_word,
-                sc.seed_ptr,
-                sc.threshold,
-                GEMM=needs_grad_x and not use_cublas,
-                COMPUTE_DX=needs_grad_x,
-                COMPUTE_DA=atomic_lora,
-                HAS_DROPOUT=sc.has_dropout,
-                DOT_PREC=dot_precision(x.dtype),
-                SPLIT_LORA=sc.split_lora,
-                R_PAD=r_pad,
-                BLOCK_R=min(r_pad, 32),
-            )
-        if use_cublas:
-            dx.addmm_(grad_y, weight)
+        if not needs_grad_x:
+            if atomic_lora:  # dA only
+                _launch_dx(
+                    grad_y, weight, du, lora_A, x, scratch, da, sc, gemm=False, compute_dx=False, compute_da=True
+                )  # fmt: skip
+        else:
+            da_target = da if atomic_lora else scratch
+
+            def main(gemm: str, da_target: torch.Tensor = da_target) -> None:
+                _launch_dx(
+                    grad_y, weight, du, lora_A, x, dx, da_target, sc,
+                    gemm=gemm == "triton", compute_dx=True, compute_da=atomic_lora,
+                )  # fmt: skip
+                if gemm == "cublas":
+                    dx.addmm_(grad_y, weight)
+
+            def prepare():  # measuring: B2 rewrites dX, but adds into dA: time it adding into scratch
+                timing_da = torch.zeros_like(da) if atomic_lora else scratch
+                return lambda gemm: main(gemm, timing_da)
+
+            if main_gemm is None:
+                key = MAIN_GEMM_CHOOSER.key("backward", M, K, N, dev, x.dtype)
+                main_gemm = MAIN_GEMM_CHOOSER.choose(key, dev, prepare)
+            main(main_gemm)
     else:  # no rows: nothing to launch, the gradients are zeros
         for grad in (dx, da, db):
             if grad is not None:

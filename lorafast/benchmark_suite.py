@@ -346,7 +346,7 @@ class Provider:
     def adapt_model(self, model: nn.Module, case: TrainStepCase) -> nn.Module:
         raise NotImplementedError(f"{self.name} does not adapt whole models")
 
-    def kernel_path(self, case: LayerCase, mode: str, device: torch.device) -> str | None:
+    def kernel_path(self, case: LayerCase, mode: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """Which kernels the provider dispatches to for ``case`` in ``mode`` (None: not a choice it makes)."""
         return None
 
@@ -453,10 +453,11 @@ class LorafastProvider(Provider):
     def activated(self) -> contextlib.AbstractContextManager:
         return using_backend(self.backend)
 
-    def kernel_path(self, case: LayerCase, mode: str, device: torch.device) -> str | None:
+    def kernel_path(self, case: LayerCase, mode: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """The fused kernels' dispatch (``lorafast.kernels.choose_main_gemm`` / ``choose_reduction``):
         the forward's small-M kernel or main GEMM, and in training the backward's main GEMM and how
-        dA / dB are summed. None off the Triton backend and for merged inference (the base GEMM)."""
+        dA / dB are summed; asked after the timing, so a main GEMM measured per shape is the one
+        the case ran. None off the Triton backend and for merged inference (the base GEMM)."""
         if mode == "inference-merged":
             return None
         with self.activated():
@@ -464,9 +465,11 @@ class LorafastProvider(Provider):
                 return None
             from lorafast import kernels
         M, K, N = case.tokens, case.in_features, case.out_features
-        path = f"fwd {'small_m' if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, device)}"
+        forward = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, device, dtype)
+        path = f"fwd {forward}"
         if mode in TRAINING_MODES:
-            path += f", bwd {kernels.choose_main_gemm(M, K, N, device)}, dA/dB {kernels.choose_reduction()}"
+            backward = kernels.choose_main_gemm(M, K, N, device, dtype, direction="backward")
+            path += f", bwd {backward}, dA/dB {kernels.choose_reduction()}"
         return path
 
     def build(self, weights: LayerWeights) -> nn.Module:
@@ -829,7 +832,7 @@ class Runner:
                 gbps=gbps,
                 roofline_fraction=gbps / self.copy_gbps,
                 saved_activation_bytes=contender.saved_bytes if mode in TRAINING_MODES else None,
-                kernel_path=contender.provider.kernel_path(case, mode, self.device),
+                kernel_path=contender.provider.kernel_path(case, mode, self.device, self.dtype),
             )
 
         return self._compare(

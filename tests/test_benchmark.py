@@ -382,14 +382,14 @@ def test_lorafast_triton_rows_name_the_kernels_dispatched_to(monkeypatch):
     cpu = torch.device("cpu")
     training, decode = LayerCase(64, 96, 256, 8, 0.1), LayerCase(64, 96, 1, 8, 0.0)
     # on the interpreter choose_main_gemm picks the Triton GEMM (cuBLAS is CUDA's default)
-    assert triton.kernel_path(training, "forward+backward", cpu) == "fwd triton, bwd triton, dA/dB atomic"
-    assert triton.kernel_path(training, "inference-unmerged", cpu) == "fwd triton"
-    assert triton.kernel_path(decode, "decode", cpu) == "fwd small_m"
-    assert triton.kernel_path(training, "inference-merged", cpu) is None
-    assert torch_backend.kernel_path(training, "forward", cpu) is None
+    assert triton.kernel_path(training, "forward+backward", cpu, torch.float32) == "fwd triton, bwd triton, dA/dB atomic"
+    assert triton.kernel_path(training, "inference-unmerged", cpu, torch.float32) == "fwd triton"
+    assert triton.kernel_path(decode, "decode", cpu, torch.float32) == "fwd small_m"
+    assert triton.kernel_path(training, "inference-merged", cpu, torch.float32) is None
+    assert torch_backend.kernel_path(training, "forward", cpu, torch.float32) is None
     monkeypatch.setenv("LORAFAST_REDUCTION", "ordered")
     monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
-    assert triton.kernel_path(training, "backward", cpu) == "fwd cublas, bwd cublas, dA/dB ordered"
+    assert triton.kernel_path(training, "backward", cpu, torch.float32) == "fwd cublas, bwd cublas, dA/dB ordered"
     row = _row("lorafast[triton]", 2.0)
     row.kernel_path = "fwd small_m"
     assert format_table([row]).splitlines()[2].rstrip().endswith("fwd small_m")

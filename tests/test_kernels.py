@@ -544,12 +544,122 @@ def test_validation_errors():
         lora_merge_(w, torch.zeros(4, 25), bb, 1.0)
 
 
-def test_choose_main_gemm(monkeypatch):
+def test_choose_main_gemm_defaults_and_forcing(monkeypatch):
     monkeypatch.delenv("LORAFAST_MAIN_GEMM", raising=False)
-    assert choose_main_gemm(8192, 4096, 4096, "cpu") == "triton"
+    K.main_gemm.MAIN_GEMM_CHOOSER.forget()
+    assert choose_main_gemm(8192, 4096, 4096, "cpu", F32) == "triton"  # nothing measured: the default
+    assert K.main_gemm.default_main_gemm(torch.device("cuda")) == "cublas"
     monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
-    assert choose_main_gemm(8192, 4096, 4096, "cpu") == "cublas"
-    assert hasattr(K, "MAIN_GEMM_TABLE")
+    assert choose_main_gemm(8192, 4096, 4096, "cpu", F32, direction="backward") == "cublas"
+    with pytest.raises(ValueError, match="direction"):
+        choose_main_gemm(8192, 4096, 4096, "cpu", F32, direction="sideways")
+
+
+def test_main_gemm_is_measured_only_where_timing_is_safe(monkeypatch):
+    can_measure = K.main_gemm.can_measure
+    assert not can_measure(torch.device("cpu"))  # the interpreter: nothing to time
+    monkeypatch.setenv("LORAFAST_AUTOTUNE", "0")  # GPU test runs: no autotuning, no measuring
+    assert not can_measure(torch.device("cuda"))
+    if HAS_CUDA:
+        monkeypatch.delenv("LORAFAST_AUTOTUNE")
+        assert can_measure(torch.device("cuda"))
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            assert not can_measure(torch.device("cuda"))  # capturing: timing would synchronize
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    """Main-GEMM measuring on (any device) with a fake timer: it runs the timed call once, as a
+    measurement would, records which path it was and returns ``times[path]``."""
+    times, timed = {}, []
+
+    def fake_time_ms(fn):  # fn is functools.partial(run, path)
+        fn()
+        timed.append(fn.args[0])
+        return times[fn.args[0]]
+
+    monkeypatch.delenv("LORAFAST_MAIN_GEMM", raising=False)
+    monkeypatch.setattr(K.main_gemm, "can_measure", lambda device: True)
+    monkeypatch.setattr(K.main_gemm, "time_ms", fake_time_ms)
+    K.main_gemm.MAIN_GEMM_CHOOSER.forget()
+    yield times, timed
+    K.main_gemm.MAIN_GEMM_CHOOSER.forget()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("reduction", ["atomic", "ordered"])
+@pytest.mark.parametrize("winner", ["triton", "cublas"])
+def test_measured_main_gemm_runs_the_faster_path_and_leaves_no_trace_in_the_gradients(measuring, winner, reduction):
+    """The first launch of a shape times both paths and keeps the faster; its outputs are those
+    of the winner alone, bit for bit (dA is accumulated by atomics: the timed runs must add into
+    scratch, not into dA); later launches time nothing."""
+    times, timed = measuring
+    times.update({winner: 1.0, ({"triton", "cublas"} - {winner}).pop(): 2.0})
+    x, w, b, a, bb, dy = make_inputs(67, 40, 72, 8, F32, True)
+    s, p, seed = 2.0, 0.1, 77
+
+    def step(path=None):
+        y, u = lora_forward(x, w, b, a, bb, s, p, seed, path=path)
+        return (y, u, *lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=path, reduction=reduction))
+
+    measured = step()
+    assert timed == ["triton", "cublas", "triton", "cublas"]  # forward's key, then backward's
+    forced = step(winner)
+    for name, got, expected in zip(["y", "u", "dX", "dA", "dB"], measured, forced, strict=True):
+        assert torch.equal(got, expected), name
+    assert choose_main_gemm(67, 72, 40, "cpu", F32) == winner
+    assert choose_main_gemm(67, 40, 72, "cpu", F32, direction="backward") == winner
+    assert choose_main_gemm(67, 72, 40, "cpu", F16) == "triton"  # another key: not measured
+    reported = K.autotune_choices()["main GEMM"]
+    assert [row["config"]["main_gemm"] for row in reported] == [winner, winner]
+    assert reported[0]["key"][0] == "forward" and reported[0]["config"][f"{winner}_ms"] == 1.0
+    again = step()
+    assert timed == ["triton", "cublas", "triton", "cublas"]
+    assert all(torch.equal(got, expected) for got, expected in zip(again, forced, strict=True))
+
+
+@pytest.mark.interpreter
+def test_main_gemm_measuring_skips_what_has_no_main_gemm(measuring, monkeypatch):
+    """Decode (the small-M kernel), a backward without dX and a forced path time nothing."""
+    times, timed = measuring
+    times.update(triton=1.0, cublas=2.0)
+    x, w, b, a, bb, dy = make_inputs(67, 40, 72, 8, F32, False)
+    lora_forward(x[:16], w, b, a, bb, 2.0, 0.0, 0)
+    y, u = lora_forward(x, w, b, a, bb, 2.0, 0.0, 0, path="cublas")
+    lora_backward(dy, x, w, a, bb, u, 2.0, 0.0, 0, needs_grad_x=False)
+    assert timed == []
+    monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
+    lora_forward(x, w, b, a, bb, 2.0, 0.0, 0)
+    assert timed == [] and K.autotune_choices()["main GEMM"] == []
+
+
+@gpu
+@needs_cuda
+def test_main_gemm_is_measured_by_do_bench_on_cuda(monkeypatch):
+    """The real timer on a GPU: both paths timed once per key, the faster kept, and the outputs
+    those of the winner alone (dA to fp32 atomics' reordering: the timed runs add into scratch)."""
+    monkeypatch.delenv("LORAFAST_MAIN_GEMM", raising=False)
+    monkeypatch.setattr(K.main_gemm, "can_measure", lambda device: True)  # GPU runs set LORAFAST_AUTOTUNE=0
+    K.main_gemm.MAIN_GEMM_CHOOSER.forget()
+    try:
+        x, w, b, a, bb, dy = make_inputs(256, 512, 384, 16, BF16, True)
+        s, p, seed = 2.0, 0.1, 5
+        y, u = lora_forward(x, w, b, a, bb, s, p, seed)
+        dx, da, db = lora_backward(dy, x, w, a, bb, u, s, p, seed)
+        rows = K.autotune_choices()["main GEMM"]
+        assert [row["key"][0] for row in rows] == ["forward", "backward"]
+        assert all(row["config"]["triton_ms"] > 0 and row["config"]["cublas_ms"] > 0 for row in rows)
+        forward, backward = (row["config"]["main_gemm"] for row in rows)
+        assert choose_main_gemm(256, 384, 512, x.device, BF16) == forward
+        assert choose_main_gemm(256, 512, 384, x.device, BF16, direction="backward") == backward
+        y_forced, u_forced = lora_forward(x, w, b, a, bb, s, p, seed, path=forward)
+        dx_forced, da_forced, db_forced = lora_backward(dy, x, w, a, bb, u, s, p, seed, main_gemm=backward)
+        assert torch.equal(y, y_forced) and torch.equal(u, u_forced) and torch.equal(dx, dx_forced)
+        torch.testing.assert_close(da, da_forced, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(db, db_forced, rtol=1e-5, atol=1e-6)
+    finally:
+        K.main_gemm.MAIN_GEMM_CHOOSER.forget()
 
 
 def test_bf16_harness_fixes_interpreter_dot():
