@@ -18,25 +18,44 @@ fp32 operand is split into two 16-bit parts (hi + lo), so u, dA and dB are about
 as PEFT's fp32 LoRA branch (measurements in :mod:`lorafast.kernels.lora_linear`).
 """
 
-from ._common import MAX_RANK, SMALL_M_MAX
-from .lora_linear import (
-    autotune_choices,
-    choose_reduction,
-    dropout_keep_mask,
-    lora_backward,
-    lora_forward,
-)
-from .main_gemm import choose_main_gemm
-from .merge import lora_merge_
+if __name__ == "kernels":
+    # This folder was found as a top-level ``kernels``: the repository root is on sys.path
+    # (``python -m pytest`` or ``python -c`` in a checkout puts the working directory first).
+    # That name belongs to the PyPI package ``kernels``, which transformers (5.x requires it)
+    # imports with its models: put the installed one in this module's place, or fail as if this
+    # folder were not there. Importlib returns what ``sys.modules`` holds after this runs.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = [
-    "MAX_RANK",
-    "SMALL_M_MAX",
-    "autotune_choices",
-    "choose_main_gemm",
-    "choose_reduction",
-    "dropout_keep_mask",
-    "lora_backward",
-    "lora_forward",
-    "lora_merge_",
-]
+    _root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    _elsewhere = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["kernels"])
+else:
+    from ._common import MAX_RANK, SMALL_M_MAX
+    from .lora_linear import (
+        autotune_choices,
+        choose_reduction,
+        dropout_keep_mask,
+        lora_backward,
+        lora_forward,
+    )
+    from .main_gemm import choose_main_gemm
+    from .merge import lora_merge_
+
+    __all__ = [
+        "MAX_RANK",
+        "SMALL_M_MAX",
+        "autotune_choices",
+        "choose_main_gemm",
+        "choose_reduction",
+        "dropout_keep_mask",
+        "lora_backward",
+        "lora_forward",
+        "lora_merge_",
+    ]
