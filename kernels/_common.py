@@ -132,6 +132,12 @@ class TunedLauncher:
     autotuner would have used. Their positions are worked out once per call layout (the
     arguments' types and the keyword names).
 
+    A key whose early prune keeps a single config (always with ``LORAFAST_AUTOTUNE=0``, as the GPU
+    tests run; small problems, where few tiles fit) launches it directly: triton 3.6's
+    ``Autotuner.run`` (the GPU machine's) benchmarks even a lone pruned config with ``do_bench``
+    (a hundred launches and a synchronization, impossible while a CUDA graph is captured), where
+    3.9 skips it.
+
     When a tool replaces the autotuner's ``run`` (``bench/compile_check.py`` records launches that
     way), no config is chosen and nothing is memoized, so every call still reaches it.
     """
@@ -179,9 +185,24 @@ class TunedLauncher:
         None: the launch goes through the autotuner, which may try every config)."""
         return self._configs.get(self._key(args, meta))
 
+    def _sole_config(self, args: tuple, meta: dict):
+        """The config the autotuner would launch without benchmarking: its only config (which it
+        never prunes), or the only one its early prune keeps; None when several are kept or a
+        tool replaced the autotuner's ``run``."""
+        configs, prune = self.autotuner.configs, self.autotuner.early_config_prune
+        if "run" in vars(self.autotuner):
+            return None
+        if len(configs) > 1 and prune is not None:
+            configs = prune(configs, dict(zip(self.autotuner.arg_names, args, strict=False)), **meta)
+        return configs[0] if len(configs) == 1 else None
+
     def _launch(self, grid, args: tuple, meta: dict):
         key = self._key(args, meta)
         config = self._configs.get(key)
+        if config is None:
+            sole = self._sole_config(args, meta)
+            if sole is not None:
+                config = self._configs[key] = sole.all_kwargs()
         if config is not None:
             return self.autotuner.fn[grid](*args, **meta, **config)
         self.autotuner.best_config = None

@@ -13,13 +13,21 @@ import torch
 from lorafast.kernels._common import SMEM_PER_BLOCK, TunedLauncher, arch_family, device_arch, smem_limit
 
 
+def _config(block):
+    return SimpleNamespace(all_kwargs=lambda: {"BLOCK": block, "num_warps": 4})
+
+
 class FakeAutotuner:
     """What TunedLauncher uses of ``triton.runtime.autotuner.Autotuner``: ``arg_names``, ``keys``,
-    ``fn[grid](...)``, ``self[grid](...)`` and ``best_config`` set by ``run``."""
+    ``configs``, ``early_config_prune``, ``fn[grid](...)``, ``self[grid](...)`` and
+    ``best_config`` set by ``run``. The prune keeps both configs, except the first alone for
+    M_BUCKET <= 16 (as a small problem keeps few tiles); ``run`` picks by FLAG."""
 
     def __init__(self):
         self.arg_names = ["x_ptr", "y_ptr", "M", "K", "M_BUCKET", "FLAG", "BLOCK"]
         self.keys = ["M_BUCKET", "K", "FLAG"]
+        self.configs = [_config(32), _config(64)]
+        self.pruned, self.cache = [], {}
         self.tuned, self.direct = [], []
         self.best_config = None
         outer = self
@@ -30,9 +38,12 @@ class FakeAutotuner:
 
         self.fn = Jit()
 
+    def early_config_prune(self, configs, named_args, **kwargs):
+        self.pruned.append({**named_args, **kwargs})
+        return configs[:1] if named_args["M_BUCKET"] <= 16 else configs
+
     def run(self, *args, grid, warmup, **kwargs):
-        block = 32 if kwargs["FLAG"] else 64
-        self.best_config = SimpleNamespace(all_kwargs=lambda: {"BLOCK": block, "num_warps": 4})
+        self.best_config = self.configs[0 if kwargs["FLAG"] else 1]
         self.tuned.append((grid, args, kwargs))
 
     def __getitem__(self, grid):
@@ -58,6 +69,23 @@ def test_memoized_launches_get_the_autotuners_config_for_their_key():
     assert len(fake.tuned) == 4 and len(fake.direct) == 1
     _call(launcher, 100, flag=False)
     assert fake.direct[-1][2] == {"FLAG": False, "BLOCK": 64, "num_warps": 4}
+
+
+def test_a_key_whose_prune_keeps_one_config_launches_it_without_the_autotuner():
+    """triton 3.6's autotuner benchmarks even a lone pruned config (LORAFAST_AUTOTUNE=0 on the GPU
+    machine: ~100 launches and a sync per key; an error while a CUDA graph is captured): the
+    launcher runs the prune's one survivor itself, once per key, and memoizes it."""
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    _call(launcher, 9, flag=False)  # M_BUCKET 16: the prune keeps BLOCK 32 only
+    _call(launcher, 10, flag=False)  # same key: memoized, not pruned again
+    assert fake.tuned == [] and len(fake.pruned) == 1 and fake.pruned[0]["M"] == 9 and not fake.pruned[0]["FLAG"]
+    assert [kwargs for _, _, kwargs in fake.direct] == [{"FLAG": False, "BLOCK": 32, "num_warps": 4}] * 2
+    assert launcher.memoized((torch.empty(2), torch.empty(2), 10, 8, 16), {"FLAG": False}) == {"BLOCK": 32, "num_warps": 4}
+    fake.configs = fake.configs[:1]  # an autotuner with one config neither prunes nor benchmarks it
+    launcher.forget()
+    _call(launcher, 100, flag=False)
+    assert fake.tuned == [] and len(fake.pruned) == 1 and fake.direct[-1][2]["BLOCK"] == 32
 
 
 def test_choices_list_each_memoized_key_and_forget_clears_them():
