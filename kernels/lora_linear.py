@@ -1394,6 +1394,8 @@ def lora_forward(
     if M == 0:
         return y, u
     x, weight = stride_safe(x), stride_safe(weight)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias[n] at bias_ptr + n
     if path == "small_m":
         _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc)
         return y, u

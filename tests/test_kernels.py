@@ -81,10 +81,11 @@ def make_inputs(M, K_, N, r, dtype, bias, lora_dtype=F32, device=DEVICE, seed=0,
     bb = torch.randn(N, r, generator=g) * (b_scale / math.sqrt(r))
     dy = torch.randn(M, N, generator=g) / math.sqrt(N)
     x, w, dy = (t.to(device=device, dtype=dtype) for t in (x, w, dy))
-    if noncontig:  # x and W as transposed views (Conv1D-style weight)
+    b = b.to(device=device, dtype=dtype) if b is not None else None
+    if noncontig:  # x and W as transposed views (Conv1D-style weight), bias a stride-2 view
         x = x.t().contiguous().t()
         w = w.t().contiguous().t()
-    b = b.to(device=device, dtype=dtype) if b is not None else None
+        b = torch.stack([b, torch.full_like(b, 1e3)], dim=1)[:, 0] if b is not None else None
     a, bb = a.to(device=device, dtype=lora_dtype), bb.to(device=device, dtype=lora_dtype)
     return x, w, b, a, bb, dy
 
@@ -218,7 +219,7 @@ def test_deterministic_algorithms_choose_the_ordered_reduction(monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_non_contiguous_x_and_weight(dtype):
+def test_non_contiguous_x_weight_and_bias(dtype):
     run_case(33, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
     run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
     run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True, main_gemm="cublas", reduction="ordered")
