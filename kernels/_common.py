@@ -8,8 +8,10 @@ interpreter (the CPU machines).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -114,6 +116,37 @@ def smem_limit(device: torch.device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     return SMEM_PER_BLOCK.get(device_arch(device), SMEM_PER_BLOCK[(8, 0)])
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that makes ``device`` the current CUDA device while it is open, if it is not
+    already (then, and off CUDA, it does nothing).
+
+    Why: Triton compiles for and launches on the *current* CUDA device and its current stream,
+    not on the device of the tensors it is given. In a model spread over GPUs (transformers'
+    ``device_map="auto"``) a layer on cuda:1 runs while cuda:0 is current: without peer access
+    the launch fails ("Pointer argument cannot be accessed from Triton"); with it the kernel runs
+    on GPU 0, unordered with cuda:1's stream, a silent race with the work that produced its
+    inputs and with the cuBLAS half of the cuBLAS path (which PyTorch runs on cuda:1).
+    """
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_first_argument_device(launcher: Callable) -> Callable:
+    """Decorator for a launcher whose first argument is a tensor on the device its kernels must
+    run on: the launcher runs inside :func:`launch_device` of that device (anything else as the
+    first argument goes straight to the launcher, whose checks name it)."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        if not isinstance(first, torch.Tensor):
+            return launcher(first, *args, **kwargs)
+        with launch_device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 class TunedLauncher:

@@ -112,9 +112,11 @@ from ._common import (
     interpreting,
     keep_mask,
     keeps_buffers,
+    launch_device,
     m_bucket,
     needs_split,
     next_pow2,
+    on_first_argument_device,
     padded_rank,
     philox_seed,
     seed_arguments,
@@ -1358,6 +1360,7 @@ def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:
     y.addmm_(x, weight.t())
 
 
+@on_first_argument_device
 def lora_forward(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K] (any strides)
@@ -1502,6 +1505,7 @@ def _launch_dx(
     )
 
 
+@on_first_argument_device
 def lora_backward(
     grad_y: torch.Tensor,  # [M, N]
     x: torch.Tensor,  # [M, K]
@@ -1641,5 +1645,6 @@ def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float
         bm, bk = (16, 64) if interpreting() else (32, 128)
         grid = (cdiv(M, bm), cdiv(K, bk))
         seed_word, seed_ptr = seed_arguments(seed, device)
-        _keep_mask_kernel[grid](out, M, K, seed_word, seed_ptr, drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+        with launch_device(device):
+            _keep_mask_kernel[grid](out, M, K, seed_word, seed_ptr, drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
     return out.view(torch.bool)

@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_2d, check_float, check_same_device, interpreting, padded_rank
+from ._common import (
+    cdiv,
+    check_2d,
+    check_float,
+    check_same_device,
+    interpreting,
+    on_first_argument_device,
+    padded_rank,
+)
 
 
 @triton.jit
@@ -58,6 +66,7 @@ def _lora_merge_kernel(
     tl.store(w_ptrs, (w + coef * delta).to(w_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@on_first_argument_device
 def lora_merge_(
     weight: torch.Tensor,  # [N, K], modified in place (any strides)
     lora_A: torch.Tensor,  # [r, K]

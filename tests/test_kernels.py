@@ -25,6 +25,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 
@@ -663,6 +664,26 @@ def test_main_gemm_is_measured_by_do_bench_on_cuda(monkeypatch):
         K.main_gemm.MAIN_GEMM_CHOOSER.forget()
 
 
+@pytest.mark.interpreter
+def test_every_kernel_entry_point_launches_on_its_tensors_device(monkeypatch):
+    """lora_forward, lora_backward, lora_merge_ and dropout_keep_mask each launch inside
+    ``launch_device`` of their tensors' device (tests/test_launcher.py checks what it does)."""
+    devices = []
+
+    def recording_launch_device(device):
+        devices.append(torch.device(device))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(K._common, "launch_device", recording_launch_device)
+    monkeypatch.setattr(K.lora_linear, "launch_device", recording_launch_device)
+    x, w, b, a, bb, dy = make_inputs(7, 24, 40, 4, F32, True)
+    _, u = lora_forward(x, w, b, a, bb, 1.0, 0.1, 3)
+    lora_backward(dy, x, w, a, bb, u, 1.0, 0.1, 3)
+    lora_merge_(w, a, bb, 1.0)
+    dropout_keep_mask(3, 7, 24, 0.1, x.device)
+    assert devices == [x.device] * 4
+
+
 def test_bf16_harness_fixes_interpreter_dot():
     """The harness fix itself: a bf16 product through the interpreter must be a real product."""
     x, w, b, a, bb, _ = make_inputs(7, 24, 40, 4, BF16, False, BF16)
@@ -819,3 +840,20 @@ def test_gpu_merge_real_size():
     torch.testing.assert_close(w.float(), ref.merged_weight(original, a, bb, 2.0).float(), atol=0, rtol=2**-7)
     lora_merge_(w, a, bb, 2.0, sign=-1.0)
     assert_close(w, original, BF16)
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_kernels_run_on_the_tensors_device_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over GPUs): every kernel must
+    run on cuda:1 and give the reference's results there."""
+    with torch.cuda.device(0):
+        for M, path in [(7, None), (70, "triton"), (70, "cublas")]:
+            run_case(M, 72, 40, 16, BF16, True, 0.1, F32, path=path, main_gemm=path, device="cuda:1")
+        w = torch.randn(40, 72, device="cuda:1")
+        a, bb = torch.randn(4, 72, device="cuda:1"), torch.randn(40, 4, device="cuda:1")
+        merged = w.clone()
+        lora_merge_(merged, a, bb, 0.5)
+        assert_close(merged, w + 0.5 * bb @ a, F32)
+        mask = dropout_keep_mask(11, 7, 72, 0.1, "cuda:1")
+        assert torch.equal(mask.cpu(), dropout_keep_mask(11, 7, 72, 0.1, "cuda:0").cpu())

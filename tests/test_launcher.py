@@ -1,5 +1,6 @@
 """Launch helpers of kernels._common: TunedLauncher (the autotuner once per key, then the JIT
-function with its choice) and the architecture lookups the prunes use.
+function with its choice), launch_device (the tensors' GPU made current) and the architecture
+lookups the prunes use.
 
 TunedLauncher is checked with a stand-in autotuner that records calls (the real one is exercised
 by every interpreter test and, with its real prune, by tests/test_kernels_compile.py).
@@ -7,10 +8,18 @@ by every interpreter test and, with its real prune, by tests/test_kernels_compil
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
-from lorafast.kernels._common import SMEM_PER_BLOCK, TunedLauncher, arch_family, device_arch, smem_limit
+from lorafast.kernels._common import (
+    SMEM_PER_BLOCK,
+    TunedLauncher,
+    arch_family,
+    device_arch,
+    launch_device,
+    smem_limit,
+)
 
 
 def _config(block):
@@ -140,3 +149,29 @@ def test_architecture_families_and_shared_memory(monkeypatch):
     assert device_arch(meta) == (8, 6) and smem_limit(meta) == 101376
     monkeypatch.setenv("LORAFAST_TARGET_ARCH", "75")  # not in the table: sm_80's
     assert smem_limit(meta) == SMEM_PER_BLOCK[(8, 0)] == 166912
+
+
+def test_launch_device_makes_the_tensors_gpu_current_when_another_is(monkeypatch):
+    """Triton launches on the current CUDA device: a layer on cuda:1 while cuda:0 is current
+    (``device_map="auto"``) must switch to cuda:1 for its launches, and nothing else may pay for
+    a switch. Checked with stand-ins for torch.cuda's current device and device context."""
+    entered = []
+
+    class DeviceContext:  # stands in for torch.cuda.device
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    with launch_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    for current in (torch.device("cuda", 0), torch.device("cpu"), torch.device("meta")):
+        context = launch_device(current)
+        assert isinstance(context, contextlib.nullcontext), current
