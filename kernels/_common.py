@@ -118,6 +118,12 @@ def smem_limit(device: torch.device) -> int:
     return SMEM_PER_BLOCK.get(device_arch(device), SMEM_PER_BLOCK[(8, 0)])
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (never off CUDA):
+    nothing may be timed or synchronized then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     """A context that makes ``device`` the current CUDA device while it is open, if it is not
     already (then, and off CUDA, it does nothing).
@@ -169,7 +175,9 @@ class TunedLauncher:
     tests run; small problems, where few tiles fit) launches it directly: triton 3.6's
     ``Autotuner.run`` (the GPU machine's) benchmarks even a lone pruned config with ``do_bench``
     (a hundred launches and a synchronization, impossible while a CUDA graph is captured), where
-    3.9 skips it.
+    3.9 skips it. A key first seen while a CUDA graph is being captured (a shape the warm-up did
+    not run) cannot be benchmarked either: it launches the prune's first config, the default,
+    and is not memoized, so the key's first eager launch still autotunes it.
 
     When a tool replaces the autotuner's ``run`` (``bench/compile_check.py`` records launches that
     way), no config is chosen and nothing is memoized, so every call still reaches it.
@@ -218,24 +226,27 @@ class TunedLauncher:
         None: the launch goes through the autotuner, which may try every config)."""
         return self._configs.get(self._key(args, meta))
 
-    def _sole_config(self, args: tuple, meta: dict):
-        """The config the autotuner would launch without benchmarking: its only config (which it
-        never prunes), or the only one its early prune keeps; None when several are kept or a
-        tool replaced the autotuner's ``run``."""
+    def _untimed_config(self, key: tuple, args: tuple, meta: dict) -> dict | None:
+        """Launch kwargs of a config to run without the autotuner, for a key not memoized yet: its
+        only config (which it never prunes) or the only one its early prune keeps, memoized; while
+        a CUDA graph is captured, the prune's first, not memoized. None when the autotuner must
+        choose, or a tool replaced its ``run``."""
         configs, prune = self.autotuner.configs, self.autotuner.early_config_prune
         if "run" in vars(self.autotuner):
             return None
         if len(configs) > 1 and prune is not None:
             configs = prune(configs, dict(zip(self.autotuner.arg_names, args, strict=False)), **meta)
-        return configs[0] if len(configs) == 1 else None
+        if len(configs) == 1:
+            self._configs[key] = configs[0].all_kwargs()
+            return self._configs[key]
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        return configs[0].all_kwargs() if capturing(device) else None
 
     def _launch(self, grid, args: tuple, meta: dict):
         key = self._key(args, meta)
         config = self._configs.get(key)
         if config is None:
-            sole = self._sole_config(args, meta)
-            if sole is not None:
-                config = self._configs[key] = sole.all_kwargs()
+            config = self._untimed_config(key, args, meta)
         if config is not None:
             return self.autotuner.fn[grid](*args, **meta, **config)
         self.autotuner.best_config = None

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import autotune_enabled, m_bucket
+from ._common import autotune_enabled, capturing, m_bucket
 
 MAIN_GEMMS = ("triton", "cublas")
 DIRECTIONS = ("forward", "backward")
@@ -46,7 +46,7 @@ def forced_main_gemm() -> str | None:
 
 def can_measure(device: torch.device) -> bool:
     """Whether a launch on ``device`` may time the variants now (see the module docstring)."""
-    return device.type == "cuda" and autotune_enabled() and not torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and autotune_enabled() and not capturing(device)
 
 
 def time_ms(fn: Callable[[], None]) -> float:

@@ -763,6 +763,25 @@ def test_gpu_split_k_small_m_replays_from_a_cuda_graph():
 
 @gpu
 @needs_cuda
+def test_gpu_a_shape_first_seen_while_a_cuda_graph_is_captured(monkeypatch):
+    """With autotuning on, a small-M key first launched inside a CUDA-graph capture (N = 48 after
+    an eager warm-up at N = 64) cannot be benchmarked: it runs the prune's default config (one
+    the warm-up compiled: N = K = 64 keeps two) and the replay matches the reference."""
+    monkeypatch.setenv("LORAFAST_AUTOTUNE", "1")
+    x, w, b, a, bb, _ = make_inputs(4, 64, 64, 16, BF16, True, device="cuda")
+    lora_forward(x, w, b, a, bb, 2.0, 0.1, 5)  # autotunes: compiles both configs
+    x, w, b, a, bb, _ = make_inputs(4, 64, 48, 16, BF16, True, device="cuda", seed=1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lora_forward(x, w, b, a, bb, 2.0, 0.1, 5)[0]
+    graph.replay()
+    mask = dropout_keep_mask(5, 4, 64, 0.1, "cuda")
+    expected = ref.lora_forward(*(_d(t, torch.float64) for t in (x, w, b, a, bb)), 2.0, 0.1, mask)[0]
+    assert_close(captured, expected, BF16)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_gpu_real_size_ordered_reduction(dtype):
     run_case(4096, 4096, 4096, 16, dtype, False, 0.1, F32, main_gemm="cublas", device="cuda", reduction="ordered")

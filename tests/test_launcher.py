@@ -97,6 +97,23 @@ def test_a_key_whose_prune_keeps_one_config_launches_it_without_the_autotuner():
     assert fake.tuned == [] and len(fake.pruned) == 1 and fake.direct[-1][2]["BLOCK"] == 32
 
 
+def test_a_new_key_while_a_cuda_graph_is_captured_launches_the_default_unmemoized(monkeypatch):
+    """Autotuning benchmarks and synchronizes, which a CUDA-graph capture forbids: a key first
+    seen while capturing launches the prune's first config without the autotuner, and its next
+    launch outside the capture is autotuned as usual."""
+    from lorafast.kernels import _common
+
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    monkeypatch.setattr(_common, "capturing", lambda device: True)
+    _call(launcher, 100, flag=False)  # the prune keeps both configs; the autotuner would take BLOCK 64
+    assert fake.tuned == [] and [kwargs["BLOCK"] for _, _, kwargs in fake.direct] == [32]
+    assert launcher.choices() == []
+    monkeypatch.setattr(_common, "capturing", lambda device: False)
+    _call(launcher, 100, flag=False)
+    assert len(fake.tuned) == 1 and launcher.choices()[0]["config"]["BLOCK"] == 64
+
+
 def test_choices_list_each_memoized_key_and_forget_clears_them():
     fake = FakeAutotuner()
     fake.cache = {"stale": None}
