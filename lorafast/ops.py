@@ -88,9 +88,17 @@ def _kernel_seed(seed: torch.Tensor | int, device: torch.device) -> int | torch.
 
 
 def _keep_mask(seed: torch.Tensor | int, M: int, K: int, dropout_p: float, device: torch.device) -> torch.Tensor | None:
-    """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout)."""
+    """The reference path's dropout mask ``[M, K]``, regenerated from the seed (None without dropout).
+    It seeds a ``torch.Generator`` with the seed's value: a host read, which a CUDA-graph capture
+    forbids (the Triton kernels load a device seed instead)."""
     if dropout_p == 0.0:
         return None
+    if isinstance(seed, torch.Tensor) and seed.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "lorafast's 'torch' backend cannot draw dropout masks inside a CUDA graph (it reads the "
+            "seed on the host): use the 'triton' backend (the default on CUDA), lora_dropout=0, or "
+            "no CUDA graphs (torch.compile without mode='reduce-overhead')"
+        )
     return reference.dropout_keep_mask(int(seed), (M, K), dropout_p, device)
 
 

@@ -113,6 +113,20 @@ def test_cuda_graph_replays_draw_new_dropout_masks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_torch_backend_dropout_inside_a_cuda_graph_is_a_clear_error():
+    """The reference path reads its dropout seed on the host, which a capture forbids: an error
+    that says so and what to do, not CUDA's "operation not permitted when stream is capturing"."""
+    layer = lorafast.LoraLinear(torch.nn.Linear(16, 24).to(DEVICE), r=4, lora_alpha=8, lora_dropout=0.1)
+    lorafast.set_backend("torch")
+    x = torch.randn(8, 16, device=DEVICE)
+    layer(x)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="'torch' backend cannot draw dropout masks inside a CUDA graph"):
+        with torch.cuda.graph(graph):
+            layer(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_compiled_decode_runs_from_cuda_graphs():
     """Decode under ``torch.compile(mode="reduce-overhead")``: graphed (no skip), eager's outputs."""
     from torch._dynamo.utils import counters
