@@ -61,10 +61,13 @@ def lora_forward(
     """Return ``(y [M, N] in x.dtype, u [M, r] in lora_A.dtype)``.
 
     ``u = s/(1-p) · (m ⊙ x) Aᵀ``; ``y = (x Wᵀ + bias)`` in x's dtype, then ``+ u Bᵀ`` accumulated
-    in the LoRA dtype (in place, by ``addmm_``) and rounded once to x's dtype.
+    in the wider of x's and the LoRA dtype (in place, by ``addmm_``) and rounded once to x's
+    dtype: with fp32 LoRA weights and 16-bit x the LoRA term is added in fp32 (as PEFT), and
+    LoRA weights narrower than x (bf16 LoRA on an fp32 model) never round the frozen product.
     """
     u = (_masked_input(x, keep_mask, lora_A.dtype) @ lora_A.t()).mul_(scaling / (1.0 - dropout_p))
-    y = torch.nn.functional.linear(x, weight, bias).to(u.dtype).addmm_(u, lora_B.t().to(u.dtype))
+    wide = torch.promote_types(x.dtype, u.dtype)
+    y = torch.nn.functional.linear(x, weight, bias).to(wide).addmm_(u.to(wide), lora_B.t().to(wide))
     return y.to(x.dtype), u
 
 
@@ -84,8 +87,9 @@ def lora_backward(
     """Return ``(dX [M, K] in x.dtype, dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype)``,
     None for what is not needed (``needs_grad_x``: dX; ``needs_grad_lora``: dA and dB).
 
-    With ``du' = du/(1-p)``: ``dA = du'ᵀ (m ⊙ x)`` and ``dX = dY W + m ⊙ (du' A)``, the frozen
-    product accumulated into the LoRA term in place when x has the LoRA dtype.
+    With ``du' = du/(1-p)``: ``dA = du'ᵀ (m ⊙ x)`` and ``dX = dY W + m ⊙ (du' A)``, summed in the
+    wider of x's and the LoRA dtype (the frozen product accumulated into the LoRA term in place
+    when x has the LoRA dtype).
     """
     lora_dtype = lora_A.dtype
     grad_y_lora = grad_y.to(lora_dtype)
@@ -101,7 +105,8 @@ def lora_backward(
         if x.dtype == lora_dtype:
             grad_x.addmm_(grad_y, weight)
         else:
-            grad_x = (grad_y @ weight).to(lora_dtype).add_(grad_x)
+            wide = torch.promote_types(x.dtype, lora_dtype)
+            grad_x = (grad_y @ weight).to(wide).add_(grad_x.to(wide))
         grad_x = grad_x.to(x.dtype)
     return grad_x, grad_A, grad_B
 

@@ -231,3 +231,24 @@ def test_backend_environment_variable():
     assert _backend_in_fresh_process("torch").stdout.strip() == "torch"
     failed = _backend_in_fresh_process("fast")
     assert failed.returncode != 0 and "unknown lorafast backend 'fast'" in failed.stderr
+
+
+def test_lora_weights_narrower_than_x_never_round_the_frozen_product():
+    """bf16 LoRA weights on an fp32 layer: y and dX are the frozen layer's exactly while B = 0 (as
+    PEFT), and with a small B (a LoRA term ~1e-3, whose bf16 rounding is ~1e-5) within fp32's
+    tolerance of the exact result: the sum is in fp32, not in the LoRA weights' bf16 (which
+    would be off by ~1e-2 on outputs ~10)."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(64, 48), torch.randn(40, 48), torch.randn(40)
+    grad_y = torch.randn(64, 40)
+    lora_A, lora_B = torch.randn(4, 48, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16)
+    y, u = reference.lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, None)
+    grad_x = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 2.0, 0.0, None)[0]
+    assert torch.equal(y, torch.nn.functional.linear(x, weight, bias)) and torch.equal(grad_x, grad_y @ weight)
+    lora_B = (torch.randn(40, 4) * 1e-4).to(torch.bfloat16)
+    y, u = reference.lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, None)
+    grad_x = reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 2.0, 0.0, None)[0]
+    exact = reference.lora_forward(*(t.double() for t in (x, weight, bias, lora_A, lora_B)), 2.0, 0.0, None)[0]
+    exact_grad_x = grad_y.double() @ weight.double() + 2.0 * (grad_y.double() @ lora_B.double()) @ lora_A.double()
+    assert_close(y, exact.float(), torch.float32)
+    assert_close(grad_x, exact_grad_x.float(), torch.float32)
