@@ -38,26 +38,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT before safetensors
 PEFT_PREFIX = "base_model.model."
 
-# PEFT options that change what the adapter computes and that lorafast does not implement: an
-# adapter setting any of them is refused rather than loaded into a model that computes something else.
-UNSUPPORTED_PEFT_OPTIONS = (
-    "use_dora",
-    "lora_bias",
-    "layers_to_transform",
-    "layer_replication",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_qalora",
-    "use_bdlora",
-    "alora_invocation_tokens",
-    "arrow_config",
-    "velora_config",
-    "monteclora_config",
-    "kasa_config",
-    "mica",
-)
-
-
 def save_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> Path:
     """Write the model's adapter to ``adapter_dir`` in PEFT's format; returns the directory.
 
@@ -162,9 +142,6 @@ def read_adapter_config(directory: Path) -> LoraConfig:
     for required in ("r", "lora_alpha"):
         if required not in raw:
             raise ValueError(f"{path}: the field {required!r} is missing")
-    for option in UNSUPPORTED_PEFT_OPTIONS:
-        if raw.get(option):
-            raise ValueError(f"{path}: {option}={raw[option]!r} is a PEFT option lorafast does not implement")
     try:
         return LoraConfig.from_any(raw)
     except ValueError as error:

@@ -22,6 +22,27 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+# PEFT options that change what the adapter computes and that lorafast does not implement: a
+# config (an adapter's, or a peft.LoraConfig given to apply_lora) setting any of them is refused rather
+# than applied as a model that computes something else.
+UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "layers_to_transform",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "mica",
+)
+
+
 @dataclass
 class LoraConfig:
     """Which linear layers get a LoRA adapter, and how.
@@ -119,6 +140,10 @@ class LoraConfig:
             source = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         else:
             raise ValueError(f"expected a lorafast.LoraConfig, a peft.LoraConfig or a dict, got {type(config).__name__}")
+        get = source.get if isinstance(config, dict) else lambda option: getattr(config, option, None)
+        for option in UNSUPPORTED_PEFT_OPTIONS:
+            if get(option):
+                raise ValueError(f"{option}={get(option)!r} is a PEFT option lorafast does not implement")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in source.items() if k in known})
 

@@ -50,3 +50,17 @@ def test_peft_config_is_accepted():
 
 def test_module_classes_serialise_by_name():
     assert lorafast.LoraConfig(target_modules=[torch.nn.Linear]).to_dict()["target_modules"] == ["Linear"]
+
+
+@pytest.mark.parametrize(
+    "option", [dict(layers_to_transform=[0]), dict(use_dora=True), dict(lora_bias=True)], ids=lambda o: next(iter(o))
+)
+def test_a_peft_option_lorafast_does_not_implement_is_refused(option):
+    """PEFT options that change what the adapter computes are an error naming the option, from a
+    peft.LoraConfig or a dict alike (apply_lora used to drop them: layers_to_transform=[0]
+    adapted every layer), as they are in an adapter's config."""
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name}=.* is a PEFT option lorafast does not implement"):
+        lorafast.apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), peft.LoraConfig(target_modules=["0"], **option))
+    with pytest.raises(ValueError, match=rf"{name}=.* is a PEFT option lorafast does not implement"):
+        lorafast.LoraConfig.from_any({"r": 4, "target_modules": ["0"], **option})
