@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lorafast.config import LoraConfig
-from lorafast.inject import _set_submodule, apply_lora, lora_layers
+from lorafast.inject import _set_submodule, apply_lora, lora_layers, modules_to_save_named
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -103,14 +103,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             elif config.bias == "all":
                 tensors[name] = bias
     for wanted in config.modules_to_save or []:
-        for module_name, module in _modules_named(model, wanted):
+        for module_name, module in modules_to_save_named(model, wanted):
             tensors.update({f"{module_name}.{key}": value for key, value in module.state_dict(keep_vars=True).items()})
     return tensors
-
-
-def _modules_named(model: nn.Module, wanted: str) -> list[tuple[str, nn.Module]]:
-    """Modules whose name is ``wanted`` or ends with ``.wanted`` (PEFT's modules_to_save rule)."""
-    return [(name, module) for name, module in model.named_modules() if name == wanted or name.endswith("." + wanted)]
 
 
 def _without_absent_modules_to_save(config: LoraConfig, model: nn.Module) -> LoraConfig:
@@ -120,7 +115,7 @@ def _without_absent_modules_to_save(config: LoraConfig, model: nn.Module) -> Lor
     """
     if not config.modules_to_save:
         return config
-    present = [name for name in config.modules_to_save if _modules_named(model, name)]
+    present = [name for name in config.modules_to_save if modules_to_save_named(model, name)]
     return dataclasses.replace(config, modules_to_save=present or None)
 
 

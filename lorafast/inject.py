@@ -45,13 +45,29 @@ def _resolve_targets(model: nn.Module, config: LoraConfig):
     )
 
 
+def modules_to_save_named(model: nn.Module, wanted: str) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules a ``modules_to_save`` entry names: PEFT's rule, every
+    module whose full name ends with ``wanted`` (no dot needed: "classifier" also names
+    DistilBERT's ``pre_classifier``, whose weights PEFT's sequence-classification adapters hold)."""
+    return [(name, module) for name, module in model.named_modules() if name.endswith(wanted)]
+
+
+def _in_modules_to_save(name: str, config: LoraConfig) -> bool:
+    """Whether ``name`` is a ``modules_to_save`` module or inside one: PEFT's rule (its regex),
+    under which such modules get no adapter (they are trained whole instead)."""
+    return any(re.match(rf"(^|.*\.){wanted}($|\..*)", name) for wanted in config.modules_to_save or [])
+
+
 def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the linear modules the config adapts, in model order."""
+    """Full names of the linear modules the config adapts, in model order: matched by
+    ``target_modules``, not by ``exclude_modules``, not in ``modules_to_save``."""
     targets = _resolve_targets(model, config)
     head_names = _output_head_names(model)
     matched, unsupported = [], []
     for name, module in model.named_modules():
         if not name or isinstance(module, LoraLinear) or _is_inside_lora(model, name):
+            continue
+        if _in_modules_to_save(name, config):
             continue
         if not _matches(targets, name, module, head_names) or _matches(config.exclude_modules, name, module, head_names):
             continue
@@ -115,11 +131,24 @@ def _unfreeze_kept_parameters(model: nn.Module, config: LoraConfig) -> None:
             if keep:
                 parameter.requires_grad_(True)
     for module_name in config.modules_to_save or []:
-        kept = [m for n, m in model.named_modules() if n == module_name or n.endswith("." + module_name)]
+        kept = modules_to_save_named(model, module_name)
         if not kept:
             raise ValueError(f"LoraConfig.modules_to_save names {module_name!r}, which is not in the model")
-        for module in kept:
+        for _, module in kept:
+            _untie_from_the_rest(model, module)
             module.requires_grad_(True)
+
+
+def _untie_from_the_rest(model: nn.Module, module: nn.Module) -> None:
+    """Give ``module`` its own copy of every parameter it shares with modules outside it, so
+    training it leaves them alone: PEFT trains a copy of a ``modules_to_save`` module, so with
+    tied embeddings (``lm_head`` sharing ``embed_tokens.weight``) the input embeddings stay frozen."""
+    inside = {id(m) for m in module.modules()}
+    outside = {id(p) for m in model.modules() if id(m) not in inside for p in m.parameters(recurse=False)}
+    for owner in module.modules():
+        for param_name, parameter in owner.named_parameters(recurse=False):
+            if id(parameter) in outside:
+                setattr(owner, param_name, nn.Parameter(parameter.detach().clone(), requires_grad=False))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_PROJECTIONS = ["query", "key", "value", "dense"]
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 128) -> LlamaForCausalLM:
-    """A 2-layer Llama (hidden 64, 4 heads, 2 kv heads, vocab 128 by default) with seeded random weights."""
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 128, tie_word_embeddings: bool = False
+) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 64, 4 heads, 2 kv heads, vocab 128 by default) with seeded random
+    weights; ``tie_word_embeddings``: lm_head shares the input embedding matrix."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
@@ -20,8 +30,17 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
         num_key_value_heads=2,
         vocab_size=vocab_size,
         max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_distilbert_classifier(seed: int = 0) -> DistilBertForSequenceClassification:
+    """A 2-layer DistilBERT sequence classifier (dim 32, vocab 128, 2 labels): its head is
+    ``pre_classifier`` then ``classifier``, which PEFT's modules_to_save=["classifier"] both names."""
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64)
+    return DistilBertForSequenceClassification(config).eval()
 
 
 def minilm_dir() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -10,14 +11,14 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from models import minilm, tiny_llama
+from models import minilm, tiny_distilbert_classifier, tiny_llama
 from tolerances import assert_close
 
 import lorafast
 from lorafast.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 
-def _llama_output(model, inputs):
+def _llama_output(model, inputs):  # any model with logits
     return model(**inputs).logits
 
 
@@ -44,6 +45,28 @@ CASES = {
         dict(target_modules=["query", "key"], bias="lora_only", use_rslora=True, rank_pattern={"key": 2}),
         _minilm_output,
         lambda: dict(input_ids=torch.randint(0, 30522, (2, 7))),
+    ),
+    # PEFT trains a copy of a modules_to_save module: lm_head tied to the input embeddings is
+    # trained apart from them
+    "llama-tied-lm-head": (
+        functools.partial(tiny_llama, tie_word_embeddings=True),
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        _llama_output,
+        lambda: dict(input_ids=torch.randint(0, 128, (2, 9))),
+    ),
+    # a target inside a modules_to_save module (pooler.dense) gets no adapter: the module is trained whole
+    "minilm-target-in-modules-to-save": (
+        minilm,
+        dict(target_modules=["query", "dense"], modules_to_save=["pooler"]),
+        _minilm_output,
+        lambda: dict(input_ids=torch.randint(0, 30522, (2, 7))),
+    ),
+    # PEFT's modules_to_save rule is a plain name suffix: "classifier" names pre_classifier too
+    "distilbert-classifier-suffix": (
+        tiny_distilbert_classifier,
+        dict(target_modules=["q_lin", "v_lin"], modules_to_save=["classifier"]),
+        _llama_output,
+        lambda: dict(input_ids=torch.randint(0, 128, (2, 9))),
     ),
 }
 
