@@ -201,8 +201,13 @@ class LoraLinear(nn.Module):
             weight.copy_(reference.merged_weight(weight, self.lora_A, self.lora_B, sign * self.scaling))
 
     def unload(self) -> nn.Module:
-        """The original base module (holding the current, possibly merged, weights)."""
-        return self._base_layer[0]
+        """The original base module, given this layer's current (possibly merged) weight and bias:
+        the layer's own parameters, which a ``load_state_dict(..., assign=True)`` or a dtype
+        conversion under ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` may
+        have replaced since the base module was wrapped (it is not in the module tree)."""
+        base = self._base_layer[0]
+        base.weight, base.bias = self.weight, self.bias
+        return base
 
     def extra_repr(self) -> str:
         return (

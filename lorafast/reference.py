@@ -132,6 +132,8 @@ def naive_lora_linear(
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W + s·B A`` accumulated in fp32 and rounded once to ``weight.dtype`` ([N, K])."""
-    delta = scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
-    return (weight.to(torch.float32) + delta).to(weight.dtype)
+    """``W + s·B A`` accumulated in fp32 (fp64 for an fp64 weight) and rounded once to
+    ``weight.dtype`` ([N, K])."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    delta = scaling * (lora_B.to(wide) @ lora_A.to(wide))
+    return (weight.to(wide) + delta).to(weight.dtype)

@@ -124,6 +124,33 @@ def test_merge_unmerge_round_trip_and_merge_and_unload(dtype):
     assert (merged - unmerged).abs().max() <= 4 * (tolerance["atol"] + tolerance["rtol"] * unmerged.abs().max())
 
 
+def test_merge_and_unload_keeps_parameters_replaced_after_apply_lora():
+    """The base modules merge_and_unload puts back get the layers' current parameters, also ones
+    replaced after apply_lora: by ``load_state_dict(assign=True)`` and by a dtype conversion that
+    overwrites parameters (the unloaded model used to hold the stale ones: logits off by ~0.5)."""
+    ids = torch.randint(0, 128, (2, 7))
+    config = lorafast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    model = lorafast.apply_lora(tiny_llama(), config)
+    _random_adapters(model)
+    model.load_state_dict(lorafast.apply_lora(tiny_llama(seed=1), config).state_dict() | {
+        name: value for name, value in model.state_dict().items() if "lora_" in name
+    }, assign=True)  # fmt: skip
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert_close(lorafast.merge_and_unload(model)(ids).logits, expected)
+    model = lorafast.apply_lora(tiny_llama(), config)
+    _random_adapters(model)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert_close(lorafast.merge_and_unload(model)(ids).logits, expected)
+
+
 def test_merged_layer_runs_the_base_matmul_only():
     layer = lorafast.LoraLinear(torch.nn.Linear(8, 8), r=2, lora_alpha=2, init_lora_weights=False)
     layer.merge()
