@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorafast.config import DEFAULT_TARGET_MODULES, LoraConfig
-from lorafast.layer import LoraLinear, is_linear_like
+from lorafast.layer import LoraLinear, is_linear_like, unfusable_reason
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -75,6 +75,15 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     if not matched:
         detail = f" (matched only unsupported modules: {unsupported[:5]})" if unsupported else ""
         raise ValueError(f"LoraConfig.target_modules {targets!r} matched no linear layer in the model{detail}")
+    unfusable = {name: unfusable_reason(model.get_submodule(name)) for name in matched}
+    unfusable = {name: reason for name, reason in unfusable.items() if reason is not None}
+    if unfusable:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in list(unfusable.items())[:5])
+        raise ValueError(
+            f"lorafast cannot adapt {len(unfusable)} matched module(s), whose output is not x Wᵀ + b from "
+            f"their weights ({listed}): leave them out with LoraConfig.exclude_modules, or apply LoRA "
+            "before adding hooks or offloading"
+        )
     return matched
 
 

@@ -21,6 +21,24 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def unfusable_reason(module: nn.Module) -> str | None:
+    """Why ``x Wᵀ + b`` from a linear module's weight and bias (what ``LoraLinear`` and the fused
+    op compute, never calling the module) would not be what calling the module computes; None
+    when it is. PEFT calls its base layer, so for these lorafast refuses rather than differ: a
+    forward of the class's own (an ``nn.Linear`` subclass: quantized layers, custom kernels) or of
+    the instance's (accelerate's offloading hooks replace it), hooks, a parametrized weight."""
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has a forward of its own"
+    if "forward" in vars(module) or hasattr(module, "_hf_hook"):
+        return "its forward is replaced (e.g. by accelerate's offloading hooks)"
+    if nn.utils.parametrize.is_parametrized(module):
+        return "its weight is parametrized"
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if any(hooks):
+        return "it has hooks"
+    return None
+
+
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -93,6 +111,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(f"LoraLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        reason = unfusable_reason(base_layer)
+        if reason is not None:
+            raise ValueError(f"LoraLinear cannot wrap this {type(base_layer).__name__}: {reason}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorafast import ops
-from lorafast.layer import is_linear_like
+from lorafast.layer import is_linear_like, unfusable_reason
 
 
 def patch_peft(peft_model: nn.Module) -> nn.Module:
@@ -84,6 +84,8 @@ def _unsupported_reason(layer: nn.Module) -> str | None:
     base = layer.get_base_layer()
     if not is_linear_like(base):
         return f"base layer {type(base).__name__} (quantized or not a plain linear)"
+    if unfusable_reason(base) is not None:
+        return f"base layer: {unfusable_reason(base)}"
     if type(base.weight) is not nn.Parameter or not base.weight.dtype.is_floating_point:
         return "quantized base weight"
     if layer.lora_variant:

@@ -151,6 +151,35 @@ def test_merge_and_unload_keeps_parameters_replaced_after_apply_lora():
         assert_close(lorafast.merge_and_unload(model)(ids).logits, expected)
 
 
+class _HalvedLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "reason"),
+    [
+        (lambda model: setattr(model.model.layers[1].self_attn, "v_proj", _HalvedLinear(64, 32)), "has a forward of its own"),
+        (lambda model: model.model.layers[1].self_attn.v_proj.register_forward_hook(lambda m, i, o: o), "it has hooks"),
+        (lambda model: torch.nn.utils.parametrizations.weight_norm(model.model.layers[1].self_attn.v_proj), "parametrized"),
+    ],
+    ids=["own-forward", "hook", "parametrized"],
+)
+def test_a_target_whose_output_is_not_its_weights_product_is_refused(prepare, reason):
+    """lorafast's layer computes x Wᵀ + b from the weights and never calls the module, so a
+    matched module with a forward of its own, a hook or a parametrized weight is an error naming
+    it (PEFT calls it; lorafast used to replace it and silently compute something else), and the
+    model is left as it was; exclude_modules leaves it out."""
+    model = tiny_llama()
+    prepare(model)
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=rf"cannot adapt 1 matched module.*layers\.1\.self_attn\.v_proj: .*{reason}"):
+        lorafast.apply_lora(model, lorafast.LoraConfig(**config))
+    assert not list(lorafast.lora_layers(model)) and all(p.requires_grad for p in model.parameters())
+    lorafast.apply_lora(model, lorafast.LoraConfig(**config, exclude_modules=["layers.1.self_attn.v_proj"]))
+    assert len(list(lorafast.lora_layers(model))) == 3
+
+
 def test_merged_layer_runs_the_base_matmul_only():
     layer = lorafast.LoraLinear(torch.nn.Linear(8, 8), r=2, lora_alpha=2, init_lora_weights=False)
     layer.merge()

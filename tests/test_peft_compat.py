@@ -167,6 +167,21 @@ def test_unsupported_layers_stay_on_peft_and_are_listed_in_one_warning(fused_cal
     assert len(fused_calls) == len(_peft_layers(peft_model)) - 2
 
 
+def test_a_base_layer_with_a_hook_stays_on_peft(fused_calls):
+    """PEFT calls its base layer, so a forward hook there (or accelerate's offloading, which
+    replaces its forward) changes what the layer computes; the fused op would skip it."""
+    ids = torch.randint(0, 128, (2, 11))
+    peft_model = _peft_llama()
+    base = peft_model.base_model.model.model.layers[1].mlp.down_proj.get_base_layer()
+    base.register_forward_hook(lambda module, inputs, output: output * 0.5)
+    patched = copy.deepcopy(peft_model)
+    with pytest.warns(UserWarning, match=r"base layer: it has hooks: base_model\.model\.model\.layers\.1\.mlp\.down_proj"):
+        lorafast.patch_peft(patched)
+    with torch.no_grad():
+        assert_close(patched(ids).logits, peft_model(ids).logits, torch.float32)
+    assert len(fused_calls) == len(_peft_layers(peft_model)) - 1
+
+
 def test_several_active_adapters_fall_back_to_peft(fused_calls):
     ids = torch.randint(0, 128, (2, 11))
     peft_model = _peft_llama()
