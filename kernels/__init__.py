@@ -37,7 +37,7 @@ if __name__ == "kernels":
     sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["kernels"])
 else:
-    from ._common import MAX_RANK, SMALL_M_MAX
+    from ._common import MAX_RANK, SMALL_M_MAX, resolved_dropout_p
     from .lora_linear import (
         autotune_choices,
         choose_reduction,
@@ -58,4 +58,5 @@ else:
         "lora_backward",
         "lora_forward",
         "lora_merge_",
+        "resolved_dropout_p",
     ]

@@ -331,8 +331,16 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def drop_threshold(dropout_p: float) -> int:
     """The integer form of p that :func:`keep_mask` compares its 16-bit lanes against:
     ``round(p · 2**16)``, at most ``2**16 - 1`` (keep probability ``1 - threshold / 2**16``,
-    within 2**-17 of ``1 - p``; p = 0.1 keeps 0.8999939)."""
+    within 2**-17 of ``1 - p``; p = 0.1 keeps 0.8999939; the kept elements are scaled by its
+    inverse, ``lora_linear.LoraScalars.inv_keep``)."""
     return min(round(float(dropout_p) * 2**16), 2**16 - 1)
+
+
+def resolved_dropout_p(dropout_p: float) -> float:
+    """The dropout probability the kernels realize for ``dropout_p``: ``drop_threshold(p) / 2**16``
+    (their masks drop that share, and their kept elements are scaled by ``1 / (1 - it)``). To
+    compare the kernels with ``lorafast.reference`` on the kernels' own mask, give the reference this p."""
+    return drop_threshold(dropout_p) / 2**16
 
 
 #: XORed into the kernels' integer seed word by :func:`seed_arguments` and back by :func:`philox_seed`.

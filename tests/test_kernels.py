@@ -50,6 +50,7 @@ from lorafast.kernels import (  # noqa: E402
     lora_backward,
     lora_forward,
     lora_merge_,
+    resolved_dropout_p,
 )
 
 from lorafast import kernels as K  # noqa: E402
@@ -125,6 +126,7 @@ def run_case(
         y.shape == (M, N) and u.shape == (M, r) and dx.shape == (M, K_) and da.shape == (r, K_) and db.shape == (N, r)
     )
     mask = dropout_keep_mask(seed, M, K_, p, device) if p > 0 else None
+    p = resolved_dropout_p(p)  # the reference on the kernels' mask: their p, resolved to 2**-16
     f64 = torch.float64
     # fp64 truth and the reference at the tensors' own dtypes (the torch backend, PEFT's math)
     y64, u64 = ref.lora_forward(*(_d(t, f64) for t in (x, w, b, a, bb)), s, p, mask)
@@ -370,7 +372,7 @@ def test_forward_and_backward_draw_the_same_mask(M, path):
     assert torch.equal(fwd_mask, expected), "forward (u) mask differs from dropout_keep_mask"
     assert torch.equal(y_mask, expected), "forward (y) mask differs from dropout_keep_mask"
     assert torch.equal(bwd_mask, expected), "backward (dX) mask differs from the forward's"
-    scale = 1.0 / (1.0 - p)
+    scale = 1.0 / (1.0 - resolved_dropout_p(p))
     assert_close(u, expected.float() * scale, F32)
     assert_close(dx, expected.float() * scale, F32)
     assert_close(da, (expected.float() * scale).sum(0).expand(n, n), F32)  # dA = duᵀ x̂
@@ -435,6 +437,23 @@ def test_int_and_tensor_seeds_launch_the_same_kernel_variant(monkeypatch):
         _, u = lora_forward(x, w, b, a, bb, 2.0, 0.3, seed_tensor, path=path)
         lora_backward(dy, x, w, a, bb, u, 2.0, 0.3, seed_tensor, reduction=reduction)
     assert tuned == []
+
+
+@pytest.mark.interpreter
+def test_kept_elements_are_scaled_by_the_inverse_keep_probability():
+    """The kernels keep an element with probability 1 - threshold / 2**16 and scale it by the
+    inverse of that, not by 1 / (1 - p): unbiased however close p is to 1. p = 0.99999 and
+    0.999999 have the same threshold, so the same masks and the same scale (they were scaled by
+    1e5 and 1e6): 2**16 for both; at p = 0.3 the scale is 2**16 / 45875, not 1 / 0.7."""
+    x, w, a, bb = _identity_problem(7, 40, 0.3, 5)
+    threshold = K._common.drop_threshold(0.3)
+    u = lora_forward(x, w, None, a, bb, 1.0, 0.3, 5)[1]
+    kept = u[u != 0]
+    assert threshold == 19661 and kept.numel() > 0
+    assert torch.equal(kept, torch.full_like(kept, 2**16 / (2**16 - threshold)))
+    assert resolved_dropout_p(0.99999) == resolved_dropout_p(0.999999) == 1 - 2**-16
+    scales = {K.lora_linear.LoraScalars(1.0, p, 0, x, False).inv_keep for p in (0.99999, 0.999999)}
+    assert scales == {2.0**16}
 
 
 @pytest.mark.interpreter
@@ -776,7 +795,8 @@ def test_gpu_a_shape_first_seen_while_a_cuda_graph_is_captured(monkeypatch):
         captured = lora_forward(x, w, b, a, bb, 2.0, 0.1, 5)[0]
     graph.replay()
     mask = dropout_keep_mask(5, 4, 64, 0.1, "cuda")
-    expected = ref.lora_forward(*(_d(t, torch.float64) for t in (x, w, b, a, bb)), 2.0, 0.1, mask)[0]
+    p = resolved_dropout_p(0.1)
+    expected = ref.lora_forward(*(_d(t, torch.float64) for t in (x, w, b, a, bb)), 2.0, p, mask)[0]
     assert_close(captured, expected, BF16)
 
 
@@ -842,7 +862,9 @@ def test_gpu_int64_offsets():
     bb = torch.randn(16, r, device="cuda")
     y, u = lora_forward(x, w, None, a, bb, 2.0, p, seed)
     mask = dropout_keep_mask(seed, M, K_, p, "cuda")[-128:]
-    y_ref, u_ref = ref.lora_forward(x[-128:].double(), w.double(), None, a.double(), bb.double(), 2.0, p, mask)
+    y_ref, u_ref = ref.lora_forward(
+        x[-128:].double(), w.double(), None, a.double(), bb.double(), 2.0, resolved_dropout_p(p), mask
+    )
     assert_close(u[-128:], u_ref, BF16)
     assert_close(y[-128:], y_ref, BF16)
     rate = dropout_keep_mask(seed, M, K_, p, "cuda").double().mean().item()
