@@ -428,13 +428,17 @@ def keep_mask(seed, offs_m, col_start, threshold, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def split_fp32(v, DT: tl.constexpr, AXIS: tl.constexpr):
-    """Split an fp32 tile for dots in the 16-bit dtype DT: ``v ≈ scale · (hi + lo)``.
+    """Split an fp32 tile for dots in the 16-bit dtype DT: ``v ≈ scale · (hi + lo · lo_weight)``.
 
     fp16: ``scale`` is ``max |v|`` along AXIS, the dot's contracted axis (kept as a size-1 dim; 1
     where that is 0), so it factors out of the dot; ``hi = (v/scale).to(DT)`` and
-    ``lo = (v/scale - hi).to(DT)``: the scaling keeps fp16's small exponent range from flushing
-    small values (LoRA B starts at 0, so B and du are tiny early in training) into subnormals.
-    bf16 has fp32's exponent range, so there ``scale`` is 1 and ``hi = v.to(DT)``,
+    ``lo = ((v/scale - hi) · 2**11).to(DT)``, ``lo_weight = 2**-11``. The scaling keeps fp16's
+    small exponent range from flushing small values (LoRA B starts at 0, so B and du are tiny
+    early in training) into subnormals; the 2**11 keeps lo as far from them as hi, so a value
+    down to 2**-14 of its tile's largest keeps all 22 bits of hi + lo. Without it lo, 2**-11 below
+    hi, went subnormal first: one token with activations 1e4x the others' (an outlier token) cut
+    the others' dB to hi's 11 bits (an error 500x the fp32 reference's).
+    bf16 has fp32's exponent range, so there ``scale`` and ``lo_weight`` are 1, ``hi = v.to(DT)``,
     ``lo = (v - hi).to(DT)``: no max-reduction across the tile (a cross-warp reduction through
     shared memory, once per loop iteration in F1, B1 and the small-M kernel), no division.
     hi + lo carries 2 x 11 (fp16) or 2 x 8 (bf16) significant bits.
@@ -443,24 +447,27 @@ def split_fp32(v, DT: tl.constexpr, AXIS: tl.constexpr):
         hi = v.to(DT)
         lo = (v - hi.to(tl.float32)).to(DT)
         scale = 1.0
+        lo_weight = 1.0
     else:
         amax = tl.max(tl.abs(v), axis=AXIS, keep_dims=True)
         scale = tl.where(amax > 0, amax, 1.0)
         w = v / scale
         hi = w.to(DT)
-        lo = (w - hi.to(tl.float32)).to(DT)
-    return hi, lo, scale
+        lo = ((w - hi.to(tl.float32)) * 2048.0).to(DT)  # 2**11: fp16's significand bits
+        lo_weight = 0.00048828125  # 2**-11, exact on the fp32 partial sum
+    return hi, lo, scale, lo_weight
 
 
 @triton.jit
 def dot_fp32_rhs(a, v, acc, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """``acc + a @ v`` for ``a`` [M, C] exact in the dot dtype DT = a.dtype and ``v`` [C, N] fp32
-    (or already DT). SPLIT: two dots on :func:`split_fp32`'s hi and lo parts, ~fp32-accurate;
-    else one dot on ``v.to(DT)`` (exact when v is DT, and for DT = fp32 with "ieee")."""
+    (or already DT). SPLIT: two dots on :func:`split_fp32`'s lo and hi parts (lo's partial sum
+    weighted before hi's joins it), ~fp32-accurate; else one dot on ``v.to(DT)`` (exact when v is
+    DT, and for DT = fp32 with "ieee")."""
     if SPLIT:
-        hi, lo, scale = split_fp32(v, a.dtype, 0)
-        part = tl.dot(a, hi, input_precision=DOT_PREC)
-        part = tl.dot(a, lo, part, input_precision=DOT_PREC)
+        hi, lo, scale, lo_weight = split_fp32(v, a.dtype, 0)
+        part = tl.dot(a, lo, input_precision=DOT_PREC) * lo_weight
+        part = tl.dot(a, hi, part, input_precision=DOT_PREC)
         out = acc + part * scale
     else:
         out = tl.dot(a, v.to(a.dtype), acc, input_precision=DOT_PREC)
@@ -472,9 +479,9 @@ def dot_fp32_lhs(v, b, acc, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """``acc + v @ b`` for ``v`` [M, C] fp32 (or already DT) and ``b`` [C, N] exact in the dot
     dtype DT = b.dtype: :func:`dot_fp32_rhs` with the fp32 operand on the left."""
     if SPLIT:
-        hi, lo, scale = split_fp32(v, b.dtype, 1)
-        part = tl.dot(hi, b, input_precision=DOT_PREC)
-        part = tl.dot(lo, b, part, input_precision=DOT_PREC)
+        hi, lo, scale, lo_weight = split_fp32(v, b.dtype, 1)
+        part = tl.dot(lo, b, input_precision=DOT_PREC) * lo_weight
+        part = tl.dot(hi, b, part, input_precision=DOT_PREC)
         out = acc + part * scale
     else:
         out = tl.dot(v.to(b.dtype), b, acc, input_precision=DOT_PREC)
@@ -486,15 +493,16 @@ def dot_fp32_both(u, v, acc, DT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl
     """``acc + u @ v`` for ``u`` [M, C] and ``v`` [C, N] both fp32 (or already DT), with dots in DT.
 
     SPLIT: both split by :func:`split_fp32` (u per row, v per column) and three dots
-    ``hi·hi + hi·lo + lo·hi``; the dropped lo·lo (~2^-22 of |u||v| for fp16, ~2^-18 for bf16) is
-    far below the DT rounding of the y / dX tile this feeds. Else one dot on the DT casts.
+    ``hi·hi + hi·lo + lo·hi`` (the two with a lo part summed first, then weighted); the dropped
+    lo·lo (~2^-22 of |u||v| for fp16, ~2^-18 for bf16) is far below the DT rounding of the y / dX
+    tile this feeds. Else one dot on the DT casts.
     """
     if SPLIT:
-        uh, ul, us = split_fp32(u, DT, 1)
-        vh, vl, vs = split_fp32(v, DT, 0)
-        part = tl.dot(uh, vh, input_precision=DOT_PREC)
-        part = tl.dot(uh, vl, part, input_precision=DOT_PREC)
-        part = tl.dot(ul, vh, part, input_precision=DOT_PREC)
+        uh, ul, us, lo_weight = split_fp32(u, DT, 1)
+        vh, vl, vs, _ = split_fp32(v, DT, 0)
+        part = tl.dot(uh, vl, input_precision=DOT_PREC)
+        part = tl.dot(ul, vh, part, input_precision=DOT_PREC) * lo_weight
+        part = tl.dot(uh, vh, part, input_precision=DOT_PREC)
         out = acc + part * us * vs
     else:
         out = tl.dot(u.to(DT), v.to(DT), acc, input_precision=DOT_PREC)

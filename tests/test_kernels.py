@@ -246,6 +246,26 @@ def test_split_dots_keep_small_lora_values_accurate():
 
 
 @pytest.mark.interpreter
+def test_split_dots_keep_an_outlier_token_s_neighbours_accurate():
+    """One token whose activations are 1e4x the others' (and whose dY is 0, like a masked token)
+    sets the fp16 split's per-tile scale: the others' u are then ~1e-4 of it. dB = dYᵀ u must
+    still be as accurate as the fp32 reference (fp32's row): the split's lo part used to go
+    subnormal first, leaving hi's 11 bits (dB error 1e-3, 500x the reference's)."""
+    s = 2.0
+    x, w, _, a, bb, dy = make_inputs(64, 32, 32, 8, F16, False, seed=3)
+    x[0] *= 1e4
+    dy[0] = 0
+    _, u = lora_forward(x, w, None, a, bb, s, 0.0, 0)
+    db = lora_backward(dy, x, w, a, bb, u, s, 0.0, 0)[2]
+    f64 = torch.float64
+    _, u64 = ref.lora_forward(x.to(f64), w.to(f64), None, a.to(f64), bb.to(f64), s, 0.0, None)
+    db64 = ref.lora_backward(*(t.to(f64) for t in (dy, x, w, a, bb, u64)), s, 0.0, None)[2]
+    _, ur = ref.lora_forward(x, w, None, a, bb, s, 0.0, None)
+    dbr = ref.lora_backward(dy, x, w, a, bb, ur, s, 0.0, None)[2]
+    check_rule("dB", db, db64, dbr, F32)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("M", [7, 70])
 def test_small_m_path_equals_two_kernel_path(M):
     x, w, b, a, bb, _ = make_inputs(M, 72, 40, 8, F32, True)
