@@ -280,40 +280,66 @@ def _target_module_names(model: nn.Module, layer_names: list[str]) -> list[str]:
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike, *, replace_whole: bool) -> Iterator[Path]:
-    """Yield an empty staging directory beside ``target``; once the block succeeds, move its contents in.
+    """Yield an empty staging directory; once the block succeeds, move its contents into ``target``.
 
     ``replace_whole=False``: each staged file replaces its namesake in ``target`` (``os.replace``),
     other files stay. ``replace_whole=True``: the staging directory becomes ``target`` and the old
     directory is deleted afterwards. A new ``target`` is a single rename either way. If the block
     raises (or is interrupted), the staging directory is removed and ``target`` is untouched.
+
+    The staging directory is made where its moves stay on ``target``'s filesystem (a rename
+    across filesystems fails): beside a new ``target`` or one it replaces whole, inside an
+    existing ``target`` whose files it replaces one by one, or whose whole contents it replaces
+    when ``target`` is a mount point (a Docker volume: a mount point cannot be renamed, so there
+    the old entries are deleted and the new ones moved in, the one case that is not atomic).
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    in_place = target.is_dir() and (not replace_whole or os.path.ismount(target))
+    if in_place:
+        staging = target / f".lorafast-staging-{uuid.uuid4().hex[:12]}"
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
         yield staging
-        _publish(staging, target, replace_whole)
+        if in_place:
+            _publish_in_place(staging, target, replace_whole)
+        else:
+            _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _publish(staging: Path, target: Path, replace_whole: bool) -> None:
+def _publish(staging: Path, target: Path) -> None:
+    """Rename ``staging`` (beside ``target``) to ``target``, retiring an old ``target`` first."""
     if not target.exists():
         os.rename(staging, target)
-    elif replace_whole:
-        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(target, retired)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(retired, target)
-            raise
-        shutil.rmtree(retired)
-    else:
-        for staged in staging.iterdir():
-            os.replace(staged, target / staged.name)
-        staging.rmdir()
+        return
+    retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired, target)
+        raise
+    shutil.rmtree(retired)
+
+
+def _publish_in_place(staging: Path, target: Path, replace_whole: bool) -> None:
+    """Move the entries of ``staging`` (inside ``target``) into ``target``; with ``replace_whole``
+    delete ``target``'s other entries first."""
+    if replace_whole:
+        for old in target.iterdir():
+            if old == staging:
+                continue
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+    for staged in staging.iterdir():
+        os.replace(staged, target / staged.name)
+    staging.rmdir()

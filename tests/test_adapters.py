@@ -317,3 +317,26 @@ def test_interrupted_save_leaves_the_previous_adapter_intact(tmp_path, monkeypat
     assert (adapter_dir / "README.md").read_text() == "kept"
     assert (adapter_dir / WEIGHTS_NAME).read_bytes() != before[WEIGHTS_NAME]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_staging_stays_on_the_target_s_filesystem(tmp_path, monkeypatch):
+    """A rename across filesystems fails (EXDEV), and a mount point cannot be renamed (EBUSY): an
+    existing target is staged inside itself, and a mount point (a Docker volume, here a stand-in)
+    replaced whole keeps its directory and gets exactly the new entries."""
+    from lorafast.adapters import atomic_directory
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "kept.txt").write_text("kept")
+    with atomic_directory(target, replace_whole=False) as staging:
+        assert staging.parent == target
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["kept.txt", "new.txt"]
+    monkeypatch.setattr("os.path.ismount", lambda path: Path(path) == target)
+    (target / "old_dir").mkdir()
+    inode = target.stat().st_ino
+    with atomic_directory(target, replace_whole=True) as staging:
+        assert staging.parent == target
+        (staging / "new.txt").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and (target / "new.txt").read_text() == "newer"
+    assert target.stat().st_ino == inode and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
