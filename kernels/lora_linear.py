@@ -1363,8 +1363,8 @@ def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:
     a separate epilogue kernel after the GEMM would read y back and write it again). y is
     rounded twice, as in the reference, but the first rounding is of the small LoRA term.
     Limit (fp16): the seed is stored in fp16 before the frozen product joins it, so a LoRA term
-    beyond fp16's range (65504) is inf even where ``x Wᵀ`` would cancel it, as in PEFT's fp16
-    branch output; the Triton path holds the sum in fp32. B2's seed for the cuBLAS dX likewise."""
+    beyond fp16's range (65504) is inf even where ``x Wᵀ`` would cancel it (PEFT and the Triton
+    path sum in fp32 and round once). B2's seed for the cuBLAS dX likewise."""
     _launch_fwd_main(x, weight, bias, u, lora_B, y, sc, gemm=False)
     y.addmm_(x, weight.t())
 
