@@ -47,7 +47,10 @@ class TimingBudget:
     CPU: ``cpu_warmup_calls`` untimed calls, then timed calls until ``cpu_seconds`` have passed
     (per callable, when several are compared), at least ``cpu_min_calls`` and at most
     ``cpu_max_calls`` of them.
-    CUDA: ``do_bench(warmup=cuda_warmup_ms, rep=cuda_rep_ms)``.
+    CUDA: ``do_bench(warmup=cuda_warmup_ms, rep=cuda_rep_ms)``, timed again with a longer ``rep``
+    when that gave fewer than ``cuda_min_samples`` calls (do_bench times ``rep`` ms' worth of
+    calls: 100 ms is 3-5 calls of a 20-30 ms training step, whose median and p20/p80 would
+    mean little).
     """
 
     cpu_seconds: float = 1.0
@@ -56,21 +59,25 @@ class TimingBudget:
     cpu_max_calls: int = 100
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
+    cuda_min_samples: int = 20
 
     def __post_init__(self) -> None:
         if self.cpu_seconds <= 0 or self.cuda_warmup_ms < 0 or self.cuda_rep_ms <= 0:
             raise ValueError(f"timing budgets must be positive, got {self}")
         if self.cpu_warmup_calls < 0 or not 3 <= self.cpu_min_calls <= self.cpu_max_calls:
             raise ValueError(f"need 0 <= cpu_warmup_calls and 3 <= cpu_min_calls <= cpu_max_calls, got {self}")
+        if self.cuda_min_samples < 3:
+            raise ValueError(f"need cuda_min_samples >= 3, got {self}")
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and 20th / 80th percentile of one call, in milliseconds."""
+    """Median and 20th / 80th percentile of one call, in milliseconds, over ``samples`` timed calls."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
+    samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,15 +133,20 @@ def compare_times(steps: Mapping[str, Step], device: torch.device, budget: Timin
 def _do_bench(step: Step, budget: TimingBudget) -> Timing:
     import triton.testing
 
+    rep_ms = budget.cuda_rep_ms
     with step.context():
-        median, p20, p80 = triton.testing.do_bench(
-            step.run,
-            warmup=budget.cuda_warmup_ms,
-            rep=budget.cuda_rep_ms,
-            grad_to_none=list(step.grads_to_reset) or None,
-            quantiles=[0.5, 0.2, 0.8],
-        )
-    return Timing(median, p20, p80)
+        for _ in range(2):
+            samples = triton.testing.do_bench(
+                step.run,
+                warmup=budget.cuda_warmup_ms,
+                rep=rep_ms,
+                grad_to_none=list(step.grads_to_reset) or None,
+                return_mode="all",
+            )
+            if len(samples) >= budget.cuda_min_samples:
+                break
+            rep_ms = rep_ms * 1.25 * budget.cuda_min_samples / len(samples)  # do_bench counts from 5 calls' mean
+    return _summary(samples)
 
 
 def _timed_call(step: Step) -> float:
@@ -148,7 +160,9 @@ def _timed_call(step: Step) -> float:
 
 def _summary(samples_ms: Sequence[float]) -> Timing:
     deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
-    return Timing(median_ms=statistics.median(samples_ms), p20_ms=deciles[1], p80_ms=deciles[7])
+    return Timing(
+        median_ms=statistics.median(samples_ms), p20_ms=deciles[1], p80_ms=deciles[7], samples=len(samples_ms)
+    )
 
 
 def measure_host_time(
@@ -337,6 +351,7 @@ class BenchRow:
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
+    samples: int | None = None  # timed calls behind median / p20 / p80
     ratio_to_floor: float | None = None
     speedup_over_peft: float | None = None
     tflops: float | None = None

@@ -145,9 +145,10 @@ def full_plan() -> Plan:
         LayerCase(k, n, TRAINING_TOKENS, rank, p)
         for (k, n), rank, p in itertools.product(LLAMA3_8B_PROJECTIONS, RANKS, DROPOUTS)
     ]
-    lorafusion = [
-        LayerCase(width, width, batch * LORAFUSION_SEQ, 16, p)
+    lorafusion = [  # without the cases the Llama sweep has already (4096², batch 32: M = 8192, r = 16)
+        case
         for width, batch, p in itertools.product(LORAFUSION_WIDTHS, LORAFUSION_BATCHES, DROPOUTS)
+        if (case := LayerCase(width, width, batch * LORAFUSION_SEQ, 16, p)) not in llama
     ]
     inference = [
         LayerCase(k, n, TRAINING_TOKENS, rank, 0.0)
@@ -814,6 +815,7 @@ class Runner:
                     median_ms=timing.median_ms,
                     p20_ms=timing.p20_ms,
                     p80_ms=timing.p80_ms,
+                    samples=timing.samples,
                     peak_memory_bytes=peak_memory_bytes(steps[name], self.device),
                     **extra_metrics(contender, timing),
                 )

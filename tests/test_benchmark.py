@@ -517,3 +517,34 @@ def test_cli_bench_checks_arguments_before_running(tmp_path, capsys):
     assert "ending in one of .png" in capsys.readouterr().err
     assert cli.main(["bench", "--device", "cpu", "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cuda_timing_takes_enough_samples_for_a_median(monkeypatch):
+    """do_bench times ``rep`` ms' worth of calls: 3 calls of a 30 ms training step at rep 100. The
+    harness times again with a longer rep until it has ``cuda_min_samples`` and reports the count
+    (the fake do_bench stands in for a 30 ms call)."""
+    import triton.testing
+
+    reps = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        assert return_mode == "all"
+        reps.append(rep)
+        return [30.0 + i % 3 for i in range(max(1, int(rep / 30)))]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    timing = benchmark.compare_times({"step": benchmark.Step(lambda: None)}, torch.device("cuda"), TimingBudget())
+    assert reps[0] == 100 and len(reps) == 2 and timing["step"].samples >= 20
+    assert timing["step"].median_ms == 31.0 and timing["step"].p20_ms == 30.0 and timing["step"].p80_ms == 32.0
+    reps.clear()
+    fast = benchmark.compare_times({"step": benchmark.Step(lambda: None)}, torch.device("cuda"), TimingBudget(cuda_rep_ms=3000))
+    assert len(reps) == 1 and fast["step"].samples == 100
+
+
+def test_the_full_plan_measures_each_case_and_mode_once():
+    """Rows are keyed by (case label, mode): a case in two sweeps (LoRAFusion's 4096² at batch 32 is
+    the Llama 4096→4096 case) gave two rows that took each other's base and PEFT medians."""
+    from lorafast.benchmark_suite import full_plan
+
+    keys = [(case.label, mode) for sweep in full_plan().sweeps for case in sweep.cases for mode in sweep.modes]
+    assert len(keys) == len(set(keys)) and len(keys) > 100

@@ -48,9 +48,11 @@ def test_dry_run_writes_every_row(tmp_path):
             "fused_triton_ms",
             "fused_cublas_ms",
             "fused_ordered_ms",
+            "layer_ms",
             "peft_ms",
         ):
             assert row[key] > 0, key
+        assert row["speedup_vs_peft"] == row["peft_ms"] / row["layer_ms"]  # lorafast timed as PEFT is
         assert row["best_main_gemm"] in ("triton", "cublas")
         assert row["reduction_chosen"] == "atomic" and row["best_reduction"] in ("atomic", "ordered")
         assert row["base_host_ms"] > 0 and row["fused_host_ms"] > 0 and row["elapsed_s"] > 0
