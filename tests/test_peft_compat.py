@@ -167,34 +167,36 @@ def test_unsupported_layers_stay_on_peft_and_are_listed_in_one_warning(fused_cal
     assert len(fused_calls) == len(_peft_layers(peft_model)) - 2
 
 
-def test_a_base_layer_with_a_hook_stays_on_peft(fused_calls):
-    """PEFT calls its base layer, so a forward hook there (or accelerate's offloading, which
-    replaces its forward) changes what the layer computes; the fused op would skip it."""
+def _assert_patched_matches_peft_with_fallbacks(peft_model, warning: str, fallbacks: int, fused_calls) -> None:
+    """patch_peft warns ``warning`` (a regex), the patched copy computes PEFT's logits, and all
+    layers but ``fallbacks`` ran the fused op."""
     ids = torch.randint(0, 128, (2, 11))
-    peft_model = _peft_llama()
-    base = peft_model.base_model.model.model.layers[1].mlp.down_proj.get_base_layer()
-    base.register_forward_hook(lambda module, inputs, output: output * 0.5)
     patched = copy.deepcopy(peft_model)
-    with pytest.warns(UserWarning, match=r"base layer: it has hooks: base_model\.model\.model\.layers\.1\.mlp\.down_proj"):
+    with pytest.warns(UserWarning, match=warning):
         lorafast.patch_peft(patched)
     with torch.no_grad():
         assert_close(patched(ids).logits, peft_model(ids).logits, torch.float32)
-    assert len(fused_calls) == len(_peft_layers(peft_model)) - 1
+    assert len(fused_calls) == len(_peft_layers(peft_model)) - fallbacks
+
+
+def test_a_base_layer_with_a_hook_stays_on_peft(fused_calls):
+    """PEFT calls its base layer, so a forward hook there (or accelerate's offloading, which
+    replaces its forward) changes what the layer computes; the fused op would skip it."""
+    peft_model = _peft_llama()
+    base = peft_model.base_model.model.model.layers[1].mlp.down_proj.get_base_layer()
+    base.register_forward_hook(lambda module, inputs, output: output * 0.5)
+    warning = r"base layer: it has hooks: base_model\.model\.model\.layers\.1\.mlp\.down_proj"
+    _assert_patched_matches_peft_with_fallbacks(peft_model, warning, 1, fused_calls)
 
 
 def test_several_active_adapters_fall_back_to_peft(fused_calls):
-    ids = torch.randint(0, 128, (2, 11))
     peft_model = _peft_llama()
     peft_model.add_adapter(
         "second", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False)
     )
     peft_model.base_model.set_adapter(["default", "second"])
-    patched = copy.deepcopy(peft_model)
-    with pytest.warns(UserWarning, match=r"several active adapters: .*layers\.0\.self_attn\.v_proj"):
-        lorafast.patch_peft(patched)
-    with torch.no_grad():
-        assert_close(patched(ids).logits, peft_model(ids).logits, torch.float32)
-    assert len(fused_calls) == len(_peft_layers(peft_model)) - 2
+    warning = r"several active adapters: .*layers\.0\.self_attn\.v_proj"
+    _assert_patched_matches_peft_with_fallbacks(peft_model, warning, 2, fused_calls)
 
 
 def test_unpatch_reverts_and_patching_twice_is_a_no_op(fused_calls):
