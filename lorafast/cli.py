@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: paths (a file where a folder goes, read-only, full disk)
         print(f"lorafast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -33,8 +33,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .tsv or .jsonl")
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = _read_jsonl(handle, path) if FORMATS[suffix] is None else _read_delimited(handle, path, FORMATS[suffix])
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = _read_jsonl(handle, path) if FORMATS[suffix] is None else _read_delimited(handle, path, FORMATS[suffix])
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error}); save the file as UTF-8") from None
     if not rows:
         raise ValueError(f"{path}: the data set is empty (no rows)")
     return rows
@@ -123,6 +127,11 @@ class LabelSet:
         if len(classes) < 2:
             raise ValueError(f"{path}: every label is {labels[0]!r}; classification needs at least two classes")
         if integer:
+            if max(classes) >= 2 * len(classes):  # the head gets max + 1 outputs: 1e9 would not fit in memory
+                raise ValueError(
+                    f"{path}: integer labels are class ids 0 … n-1, but {len(classes)} classes go up to "
+                    f"{max(classes)}; renumber them, or give class names as strings"
+                )
             return cls(names=tuple(str(i) for i in range(max(classes) + 1)), integer=True)
         return cls(names=tuple(sorted(classes)), integer=False)
 

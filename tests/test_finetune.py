@@ -214,6 +214,9 @@ def bad_label_rows(labels: list) -> list[dict]:
             "row 1 has label -1; integer labels must be class ids",
         ),
         ({"t.csv": bad_label_rows(["pos", "pos"])}, ["--train", "t.csv"], "needs at least two classes"),
+        ({"t.csv": bad_label_rows([0, 10**9])}, ["--train", "t.csv"], "2 classes go up to 1000000000; renumber"),
+        ({"t.csv": b"text,label\ncaf\xe9,1\nthe end,0\n"}, ["--train", "t.csv"], "t.csv: not UTF-8 text"),
+        ({"t.csv": bad_label_rows([0, 1]), "f": "a file"}, ["--train", "t.csv", "--out", "f/sub"], "'f'"),
         ({"t.jsonl": [{"text": "", "label": 1}]}, ["--train", "t.jsonl"], "row 1 has 'text' = ''"),
         (
             {"t.csv": bad_label_rows(["pos", "neg"]), "e.csv": bad_label_rows(["pos", "meh"])},
@@ -255,6 +258,8 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys, monkeypatch, file
         Path(name).parent.mkdir(exist_ok=True)
         if isinstance(content, str):
             Path(name).write_text(content)
+        elif isinstance(content, bytes):
+            Path(name).write_bytes(content)
         else:
             write_table(Path(name), content, list(content[0]))
     argv = ["finetune", "--model", minilm_dir(), "--task", "seq-cls", "--out", "out", *extra]
@@ -282,6 +287,16 @@ def test_failure_while_writing_leaves_no_output(tmp_path: Path, monkeypatch, tin
     with pytest.raises(OSError, match="disk full"):
         finetune.finetune(job)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark; the columns are still text and label."""
+    from lorafast.datasets import read_rows
+
+    (tmp_path / "t.csv").write_bytes("text,label\nfine,1\n".encode("utf-8-sig"))
+    (tmp_path / "t.jsonl").write_bytes('{"text": "fine", "label": 1}\n'.encode("utf-8-sig"))
+    assert read_rows(tmp_path / "t.csv") == [{"text": "fine", "label": "1"}]
+    assert read_rows(tmp_path / "t.jsonl") == [{"text": "fine", "label": 1}]
 
 
 def test_label_set_maps_names_in_sorted_order_and_digits_as_ids(tmp_path: Path) -> None:
