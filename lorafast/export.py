@@ -16,6 +16,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+import safetensors
 import torch
 import transformers
 from torch import nn
@@ -38,12 +39,26 @@ TOKENIZER_FILES = (
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def from_pretrained_checked(auto_class, model_dir: str | Path, **kwargs):
+    """``auto_class.from_pretrained(model_dir, **kwargs)``, any failure to read the checkpoint (no
+    folder, a corrupt config, missing or truncated weights) a ValueError naming ``--model``."""
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such directory")
+    try:
+        return auto_class.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--model {model_dir}: cannot load a {auto_class.__name__.removeprefix('Auto')} from it: {first_line}"
+        ) from None
+
+
 def load_base_model(model_dir: str | Path, dtype: str = "auto") -> nn.Module:
     """The model in ``model_dir``, built with the first class of ``config.architectures`` that transformers has."""
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config = from_pretrained_checked(transformers.AutoConfig, model_dir)
     architectures = [name for name in getattr(config, "architectures", None) or [] if hasattr(transformers, name)]
     model_class = getattr(transformers, architectures[0]) if architectures else transformers.AutoModel
-    return model_class.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    return from_pretrained_checked(model_class, model_dir, dtype=DTYPES[dtype]).eval()
 
 
 def merge_adapter_into_model(

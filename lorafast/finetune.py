@@ -34,6 +34,7 @@ from torch import nn
 
 from lorafast.config import LoraConfig
 from lorafast.datasets import LABEL_COLUMN_NAMES, TEXT_COLUMN_NAMES, LabelSet, TextData, load_text_data
+from lorafast.export import from_pretrained_checked
 from lorafast.inject import apply_lora, count_parameters, merge_and_unload
 
 TASKS = ("seq-cls", "causal-lm")
@@ -92,7 +93,7 @@ def load_tokenizer(model_dir: str | Path):
     """The checkpoint's tokenizer, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, model_dir)
+    tokenizer = from_pretrained_checked(AutoTokenizer, model_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -107,9 +108,9 @@ def load_model(model_dir: str | Path, task: str, label_set: LabelSet | None, pad
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task == "causal-lm":
-        model = _from_pretrained(AutoModelForCausalLM, model_dir)
+        model = from_pretrained_checked(AutoModelForCausalLM, model_dir)
     else:
-        model = _from_pretrained(
+        model = from_pretrained_checked(
             AutoModelForSequenceClassification,
             model_dir,
             num_labels=len(label_set.names),
@@ -119,18 +120,6 @@ def load_model(model_dir: str | Path, task: str, label_set: LabelSet | None, pad
         )
     model.config.pad_token_id = pad_token_id
     return model
-
-
-def _from_pretrained(auto_class, model_dir: str | Path, **kwargs):
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: no such directory")
-    try:
-        return auto_class.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"--model {model_dir}: cannot load a {auto_class.__name__[4:]} from it: {first_line}"
-        ) from None
 
 
 def classifier_head_names(model: nn.Module) -> list[str]:

@@ -176,10 +176,17 @@ def test_merge_cli_errors_leave_no_output(tmp_path, capsys, monkeypatch):
     lorafast.save_adapter(model, tmp_path / "adapter")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", _failing_save_pretrained)
-    with pytest.raises(OSError, match="disk full"):
-        _run_cli(*argv, "--out", tmp_path / "out")
+    assert _run_cli(*argv, "--out", tmp_path / "out") == 2
+    assert "error: disk full" in capsys.readouterr().err
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+    (tmp_path / "broken").mkdir()  # a checkpoint whose weights were cut short
+    (tmp_path / "broken" / "config.json").write_bytes((tmp_path / "base" / "config.json").read_bytes())
+    weights = (tmp_path / "base" / "model.safetensors").read_bytes()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert _run_cli("--model", tmp_path / "broken", "--adapter", tmp_path / "adapter", "--out", tmp_path / "out") == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.safetensors").write_text("old")
@@ -187,7 +194,7 @@ def test_merge_cli_errors_leave_no_output(tmp_path, capsys, monkeypatch):
     assert "--overwrite" in capsys.readouterr().err
     assert _run_cli(*argv, "--out", tmp_path / "out", "--overwrite") == 0
     assert not (tmp_path / "out" / "stale.safetensors").exists() and (tmp_path / "out" / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "broken", "out"]
 
 
 def _failing_save_pretrained(self, directory, **kwargs):
