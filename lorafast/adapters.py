@@ -143,6 +143,12 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         raise ValueError(f"{path}: {error}") from None
 
 
+def read_task_type(directory: str | os.PathLike) -> str | None:
+    """The ``task_type`` of the adapter in ``directory`` (PEFT's field: "SEQ_CLS", "CAUSAL_LM", ...; None if unset)."""
+    read_adapter_config(Path(directory))  # the checks, with their errors
+    return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("task_type")
+
+
 def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """The stored tensors under normalised keys (see ``_normalise_key``), on the CPU."""
     path = Path(directory) / WEIGHTS_NAME
@@ -235,6 +241,16 @@ def _lora_config_of(model: nn.Module) -> LoraConfig:
     return config
 
 
+#: PEFT's task_type for the transformers head classes it names (what ``lorafast merge`` builds).
+TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM"}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for the model's class: "SEQ_CLS" for ``*ForSequenceClassification``,
+    "CAUSAL_LM" for ``*ForCausalLM``, else None (a bare model or another head)."""
+    return next((task for suffix, task in TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None)
+
+
 def _config_dict(model: nn.Module) -> dict:
     """PEFT's ``adapter_config.json`` for the model's adapter, checked against its layers."""
     config = _lora_config_of(model)
@@ -248,7 +264,7 @@ def _config_dict(model: nn.Module) -> dict:
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": _task_type(model),
         "base_model_name_or_path": name_or_path or None,
         "r": config.r,
         "lora_alpha": config.lora_alpha,

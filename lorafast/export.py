@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from lorafast.adapters import atomic_directory, load_adapter
+from lorafast.adapters import TASK_TYPES, atomic_directory, load_adapter, read_adapter_tensors, read_task_type
 from lorafast.inject import lora_layers, merge_and_unload
 
 TOKENIZER_FILES = (
@@ -53,12 +53,40 @@ def from_pretrained_checked(auto_class, model_dir: str | Path, **kwargs):
         ) from None
 
 
-def load_base_model(model_dir: str | Path, dtype: str = "auto") -> nn.Module:
-    """The model in ``model_dir``, built with the first class of ``config.architectures`` that transformers has."""
+def load_base_model(model_dir: str | Path, dtype: str = "auto", adapter_dir: str | Path | None = None) -> nn.Module:
+    """The model in ``model_dir``, built with the first class of ``config.architectures`` that
+    transformers has; with ``adapter_dir``, with the head its ``task_type`` names when that class
+    has another (PEFT's "SEQ_CLS" adapter for a bare checkpoint, as ``lorafast finetune --task
+    seq-cls`` on one writes: the classifier, its label count read off the adapter's head weights)."""
     config = from_pretrained_checked(transformers.AutoConfig, model_dir)
     architectures = [name for name in getattr(config, "architectures", None) or [] if hasattr(transformers, name)]
     model_class = getattr(transformers, architectures[0]) if architectures else transformers.AutoModel
-    return from_pretrained_checked(model_class, model_dir, dtype=DTYPES[dtype]).eval()
+    task_type = read_task_type(adapter_dir) if adapter_dir is not None else None
+    head = {task: suffix for suffix, task in TASK_TYPES.items()}.get(task_type)
+    kwargs = {}
+    if head is not None and not model_class.__name__.endswith(head):
+        model_class = getattr(transformers, f"AutoModel{head}")
+        if task_type == "SEQ_CLS":
+            kwargs["num_labels"] = _head_labels(adapter_dir)
+    return from_pretrained_checked(model_class, model_dir, dtype=DTYPES[dtype], **kwargs).eval()
+
+
+#: The output layer's weight of transformers' classification heads ([num_labels, hidden]): BERT,
+#: DistilBERT, ... "classifier"; Llama, GPT-2, ... "score"; RoBERTa "classifier.out_proj".
+HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+def _head_labels(adapter_dir: str | Path) -> int:
+    """The label count of a SEQ_CLS adapter: the rows of its saved classification head's output weight."""
+    tensors = read_adapter_tensors(Path(adapter_dir))
+    rows = {t.shape[0] for key, t in tensors.items() if key.endswith(HEAD_WEIGHTS) and t.dim() == 2}
+    if len(rows) != 1:
+        raise ValueError(
+            f"--adapter {adapter_dir}: task_type SEQ_CLS, but its classification head's output weight "
+            f"({', '.join(HEAD_WEIGHTS)}) is {'missing' if not rows else 'ambiguous'}: merge into the "
+            "sequence-classification checkpoint it was trained on"
+        )
+    return rows.pop()
 
 
 def merge_adapter_into_model(
@@ -68,7 +96,7 @@ def merge_adapter_into_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"output directory {out_dir} is not empty (pass --overwrite to replace it)")
-    model = load_adapter(load_base_model(model_dir, dtype), adapter_dir)
+    model = load_adapter(load_base_model(model_dir, dtype, adapter_dir), adapter_dir)
     merged_layers = sum(1 for _ in lora_layers(model))
     merge_and_unload(model)
     with atomic_directory(out_dir, replace_whole=True) as staging:

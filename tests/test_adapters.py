@@ -152,7 +152,7 @@ def test_saved_config_and_keys_are_peft_s(tmp_path):
     model = _trained_lorafast_model("llama")
     lorafast.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] is None
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"  # the model is a LlamaForCausalLM
     assert (config["r"], config["lora_alpha"], config["bias"]) == (4, 8, "none")
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert config["modules_to_save"] == ["lm_head"]

@@ -146,6 +146,25 @@ def test_merge_cli_writes_a_plain_transformers_model_with_the_tokenizer(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
 
 
+def test_merge_cli_builds_the_classifier_a_seq_cls_adapter_was_trained_with(tmp_path):
+    """An adapter saved from a sequence classifier says task_type SEQ_CLS (as PEFT's); merged into
+    the bare checkpoint it was trained from (MiniLM's architectures: BertModel, as `lorafast
+    finetune --task seq-cls` starts from), merge builds the classifier with the adapter's label
+    count and its trained head, instead of failing on the head's weights."""
+    model = lorafast.apply_lora(
+        minilm(num_labels=3), lorafast.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"])
+    )
+    _trained_like(model)
+    lorafast.save_adapter(model, tmp_path / "adapter")
+    assert lorafast.adapters.read_task_type(tmp_path / "adapter") == "SEQ_CLS"
+    assert _run_cli("--model", minilm_dir(), "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged") == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 30522, (2, 7))
+    with torch.no_grad():
+        assert merged.config.num_labels == 3
+        assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, torch.float32)
+
+
 def test_merge_cli_keeps_the_architecture_and_dtype(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     peft_model = peft.get_peft_model(
