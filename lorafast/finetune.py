@@ -34,7 +34,7 @@ from torch import nn
 
 from lorafast.config import LoraConfig
 from lorafast.datasets import LABEL_COLUMN_NAMES, TEXT_COLUMN_NAMES, LabelSet, TextData, load_text_data
-from lorafast.export import from_pretrained_checked
+from lorafast.export import TOKENIZER_FILES, from_pretrained_checked
 from lorafast.inject import apply_lora, count_parameters, merge_and_unload
 
 TASKS = ("seq-cls", "causal-lm")
@@ -93,6 +93,10 @@ def load_tokenizer(model_dir: str | Path):
     """The checkpoint's tokenizer, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
+    if Path(model_dir).is_dir() and not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(  # transformers would build an empty tokenizer that reads every word as [UNK]
+            f"--model {model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) beside the model"
+        )
     tokenizer = from_pretrained_checked(AutoTokenizer, model_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -130,6 +134,22 @@ def classifier_head_names(model: nn.Module) -> list[str]:
             f"cannot find the classification head of {type(model).__name__} (looked for {CLASSIFIER_HEAD_NAMES})"
         )
     return heads
+
+
+def check_lengths(examples: Examples, path: str | Path, task: str, max_length: int, positions: int | None) -> None:
+    """The tokenized texts must fit the model's ``positions`` (else it fails on its position
+    embeddings mid-run: ``--max-length`` above them, or below the tokenizer's special tokens,
+    where it does not truncate) and, for a causal LM, hold two tokens or more (a batch with
+    nothing to predict has a NaN mean loss, which training would step on)."""
+    lengths = [len(encoding["input_ids"]) for encoding in examples.encodings]
+    if positions is not None and max(lengths) > positions:
+        raise ValueError(
+            f"{path}: a text is {max(lengths)} tokens with --max-length {max_length}, more than the model's "
+            f"{positions} positions; lower --max-length"
+        )
+    if task == "causal-lm" and min(lengths) < 2:
+        row = lengths.index(min(lengths)) + 1
+        raise ValueError(f"{path}: row {row} is a single token; causal-lm texts need a next token to predict")
 
 
 def tokenize(tokenizer, data: TextData, max_length: int) -> Examples:
@@ -291,7 +311,7 @@ class FinetuneJob:
 
 def finetune(job: FinetuneJob) -> dict[str, Any]:
     """Run the whole job (read, train, evaluate, write ``job.out_dir``) and return the metrics."""
-    from transformers import set_seed
+    from transformers import AutoConfig, set_seed
 
     out_dir = prepare_output_dir(job.out_dir)
     classify = job.task == "seq-cls"
@@ -300,12 +320,18 @@ def finetune(job: FinetuneJob) -> dict[str, Any]:
     if job.eval_file is not None:
         eval_data, _ = load_text_data(job.eval_file, job.text_column, job.label_column, classify, label_set)
     tokenizer = load_tokenizer(job.model_dir)
+    special = tokenizer.num_special_tokens_to_add()
+    if job.training.max_length <= special:  # the tokenizer would not truncate at all
+        raise ValueError(f"--max-length {job.training.max_length} leaves no room beside {special} special tokens")
+    train_examples = tokenize(tokenizer, train_data, job.training.max_length)
+    eval_examples = tokenize(tokenizer, eval_data, job.training.max_length)
+    positions = getattr(from_pretrained_checked(AutoConfig, job.model_dir), "max_position_embeddings", None)
+    for examples, path in ((train_examples, job.train_file), (eval_examples, job.eval_file or job.train_file)):
+        check_lengths(examples, path, job.task, job.training.max_length, positions)
     set_seed(job.training.seed)
     model = load_model(job.model_dir, job.task, label_set, tokenizer.pad_token_id)
     config = job.lora_config(modules_to_save=classifier_head_names(model) if classify else None)
     apply_lora(model, config)
-    train_examples = tokenize(tokenizer, train_data, job.training.max_length)
-    eval_examples = tokenize(tokenizer, eval_data, job.training.max_length)
     batch_size = job.training.batch_size
     before = evaluate(model, tokenizer, eval_examples, job.task, batch_size)
     log = train(model, tokenizer, train_examples, job.task, job.training)

@@ -215,6 +215,12 @@ def bad_label_rows(labels: list) -> list[dict]:
         ),
         ({"t.csv": bad_label_rows(["pos", "pos"])}, ["--train", "t.csv"], "needs at least two classes"),
         ({"t.csv": bad_label_rows([0, 10**9])}, ["--train", "t.csv"], "2 classes go up to 1000000000; renumber"),
+        (
+            {"t.csv": [{"text": "word " * 600, "label": 0}, {"text": "short", "label": 1}]},
+            ["--train", "t.csv", "--max-length", "1000"],
+            "t.csv: a text is 602 tokens with --max-length 1000, more than the model's 512 positions",
+        ),
+        ({"t.csv": bad_label_rows([0, 1])}, ["--train", "t.csv", "--max-length", "2"], "beside 2 special tokens"),
         ({"t.csv": b"text,label\ncaf\xe9,1\nthe end,0\n"}, ["--train", "t.csv"], "t.csv: not UTF-8 text"),
         ({"t.csv": bad_label_rows([0, 1]), "f": "a file"}, ["--train", "t.csv", "--out", "f/sub"], "'f'"),
         ({"t.jsonl": [{"text": "", "label": 1}]}, ["--train", "t.jsonl"], "row 1 has 'text' = ''"),
@@ -268,6 +274,23 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys, monkeypatch, file
     assert stderr.startswith("lorafast finetune: error: ") and stderr.count("\n") == 1, stderr
     assert message in stderr
     assert not Path("out").exists() or "out/x" in files  # nothing written
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    """transformers 5 builds an empty tokenizer there, which reads every word as [UNK]."""
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().save_pretrained("bare")
+    write_table(Path("t.csv"), bad_label_rows([0, 1]), ["text", "label"])
+    code, _, stderr = run_cli(capsys, ["finetune", "--model", "bare", "--task", "causal-lm", "--train", "t.csv", "--out", "o"])
+    assert code == 2 and "--model bare: no tokenizer files" in stderr and not Path("o").exists()
+
+
+def test_causal_lm_texts_need_a_next_token() -> None:
+    """A single-token text leaves a batch of them nothing to predict: a NaN loss training would step on."""
+    examples = finetune.Examples([{"input_ids": [5, 6]}, {"input_ids": [7]}])
+    finetune.check_lengths(examples, "t.jsonl", "seq-cls", 16, 64)
+    with pytest.raises(ValueError, match="t.jsonl: row 2 is a single token"):
+        finetune.check_lengths(examples, "t.jsonl", "causal-lm", 16, 64)
 
 
 def test_causal_lm_refuses_a_label_column(tmp_path: Path, capsys, tiny_llama_dir) -> None:
