@@ -243,11 +243,12 @@ def output_logits(model: nn.Module, tokenizer, examples: Examples, task: str) ->
 
 
 def prepare_output_dir(out_dir: str | Path) -> Path:
-    """Refuse an ``--out`` that holds anything (outputs are never mixed with an earlier run's)."""
+    """Refuse an ``--out`` that holds anything (outputs are never mixed with an earlier run's).
+    Nothing is created until the outputs are written (``atomic_directory``), so a run that fails
+    before leaves no folders behind."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} already exists and is not an empty directory; choose a new one")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 

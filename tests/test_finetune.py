@@ -393,3 +393,40 @@ def test_demo_runs_end_to_end_on_a_slice(tmp_path: Path, capsys, monkeypatch) ->
         assert expected in stdout
     metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["labels"] == ["negative", "positive"]
+
+
+def test_a_failed_run_leaves_no_folders_and_a_stopped_one_no_staging(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A run that fails before writing creates no part of --out's path; SIGTERM (a scheduler's
+    stop) and Ctrl-C while outputs are staged remove the staging folder, Ctrl-C with a one-line
+    message instead of a traceback."""
+    import os
+    import signal
+
+    from lorafast import export
+    from lorafast.adapters import atomic_directory
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "--model", minilm_dir(), "--task", "seq-cls", "--train", "missing.csv", "--out", "deep/er/out"]
+    assert run_cli(capsys, argv)[0] == 2 and not Path("deep").exists()
+
+    def stopped_while_writing(stop):
+        def merge(model_dir, adapter_dir, out_dir, **kwargs):
+            with atomic_directory(out_dir, replace_whole=True) as staging:
+                (staging / "model.safetensors").write_text("half")
+                stop()
+
+        return merge
+
+    argv = ["merge", "--model", str(tmp_path), "--adapter", str(tmp_path), "--out", "out"]
+    monkeypatch.setattr(export, "merge_adapter_into_model", stopped_while_writing(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 128 + signal.SIGTERM and list(tmp_path.iterdir()) == []
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "merge_adapter_into_model", stopped_while_writing(interrupt))
+    code, _, stderr = run_cli(capsys, argv)
+    assert code == 130 and stderr == "lorafast merge: interrupted\n" and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not cli._exit_on_sigterm
