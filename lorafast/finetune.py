@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -249,6 +250,11 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} already exists and is not an empty directory; choose a new one")
+    existing = next(path for path in (out_dir.absolute(), *out_dir.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out_dir}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out_dir}: {existing} is not writable")
     return out_dir
 
 

@@ -222,7 +222,11 @@ def bad_label_rows(labels: list) -> list[dict]:
         ),
         ({"t.csv": bad_label_rows([0, 1])}, ["--train", "t.csv", "--max-length", "2"], "beside 2 special tokens"),
         ({"t.csv": b"text,label\ncaf\xe9,1\nthe end,0\n"}, ["--train", "t.csv"], "t.csv: not UTF-8 text"),
-        ({"t.csv": bad_label_rows([0, 1]), "f": "a file"}, ["--train", "t.csv", "--out", "f/sub"], "'f'"),
+        (
+            {"t.csv": bad_label_rows([0, 1]), "f": "a file"},
+            ["--train", "t.csv", "--out", "f/sub"],
+            "is a file, so the folder cannot be made",
+        ),
         ({"t.jsonl": [{"text": "", "label": 1}]}, ["--train", "t.jsonl"], "row 1 has 'text' = ''"),
         (
             {"t.csv": bad_label_rows(["pos", "neg"]), "e.csv": bad_label_rows(["pos", "meh"])},
