@@ -13,6 +13,11 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
     autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
 
+``lora_forward`` and ``lora_backward`` check their inputs and bind their kernel launches once per
+call signature (shapes, strides, dtypes, devices, scalars); later calls with that signature
+launch the compiled kernels directly (``LORAFAST_COMPILED_LAUNCH=0``: through
+``JITFunction.run``, as the first call of each does).
+
 Dots run in x's dtype with fp32 accumulation; with fp16/bf16 x and fp32 LoRA params every
 fp32 operand is split into two 16-bit parts (hi + lo), so u, dA and dB are about as accurate
 as PEFT's fp32 LoRA branch (measurements in :mod:`lorafast.kernels.lora_linear`).

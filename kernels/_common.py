@@ -35,6 +35,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def compiled_launches_enabled() -> bool:
+    """False when ``LORAFAST_COMPILED_LAUNCH=0``: every launch goes through ``JITFunction.run``
+    (:class:`CompiledLaunches`)."""
+    return os.environ.get("LORAFAST_COMPILED_LAUNCH", "1").strip() != "0"
+
+
 def autotune_enabled() -> bool:
     """False when ``LORAFAST_AUTOTUNE=0``: every kernel uses its one default config."""
     return os.environ.get("LORAFAST_AUTOTUNE", "1").strip() != "0"
@@ -187,9 +193,15 @@ class TunedLauncher:
         self.autotuner = autotuner
         self._layouts: dict[tuple, tuple[tuple, tuple]] = {}  # call layout -> (key sources, tensor positions)
         self._configs: dict[tuple, dict] = {}  # memo key -> the chosen config's launch kwargs
+        self.generation = 0  # bumped by forget(): a BoundLaunch resolved before then resolves again
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self._launch(grid, args, meta)
+
+    def bind(self, grid: Callable[[dict], tuple], args: list, meta: dict) -> BoundLaunch:
+        """A :class:`BoundLaunch` of this kernel: ``args`` with ``None`` where each call puts its
+        own values (tensors, seeds), ``meta`` its constexpr keywords."""
+        return BoundLaunch(self, grid, args, meta)
 
     def choices(self) -> list[dict]:
         """The configs chosen so far, one ``{"key": [...], "config": {...}}`` per memo key (key
@@ -201,6 +213,7 @@ class TunedLauncher:
         key goes through the autotuner again, e.g. after its config list was changed."""
         self._configs.clear()
         self.autotuner.cache.clear()
+        self.generation += 1
 
     def _layout(self, args: tuple, meta: dict) -> tuple[tuple, tuple]:
         # the argument types are part of the layout: a slot may hold an int in one call and a
@@ -256,11 +269,130 @@ class TunedLauncher:
         return result
 
 
+class BoundLaunch:
+    """One launch of a :class:`TunedLauncher`'s kernel with everything fixed but the values each
+    call brings: ``launch(*values)`` puts ``values`` into the argument slots left ``None``, in
+    order, and launches.
+
+    Why: the launchers call the same kernels with the same shapes, strides and scalars step after
+    step, and rebuilding the ~30 arguments, constexprs, autotune key and grid per call cost ~10 µs
+    of Python per launch (2-core EPYC, bench/host_overhead.py), about what Triton's own launch
+    costs. A launch plan (``lora_linear``) binds its launches once per call signature.
+
+    Until the kernel's config is known for this argument set, a call goes through the
+    :class:`TunedLauncher` (which may autotune); once it has memoized one, the config's keywords
+    and the grid they give are kept and later calls launch the JIT function directly, through
+    :class:`CompiledLaunches` where it is a compiled one. ``forget`` on the launcher (a new
+    ``generation``) makes them resolve again.
+    """
+
+    def __init__(self, launcher: TunedLauncher, grid: Callable[[dict], tuple], args: list, meta: dict) -> None:
+        self.launcher = launcher
+        self.grid = grid
+        self.args = list(args)
+        self.slots = tuple(i for i, arg in enumerate(args) if arg is None)
+        self.meta = meta
+        self._resolved: tuple | None = None  # (generation, config, keywords, grid tuple, CompiledLaunches | None)
+
+    @property
+    def config(self) -> dict | None:
+        """The config this launch runs, once the launcher has memoized it (else None)."""
+        resolved = self._resolved
+        return resolved[1] if resolved is not None and resolved[0] == self.launcher.generation else None
+
+    def __call__(self, *values) -> None:
+        args = self.args.copy()
+        for slot, value in zip(self.slots, values, strict=True):
+            args[slot] = value
+        resolved = self._resolved
+        if resolved is not None and resolved[0] == self.launcher.generation:
+            _, _, keywords, grid, compiled = resolved
+            if compiled is not None:
+                compiled(args, values)
+            else:
+                self.launcher.autotuner.fn[grid](*args, **keywords)
+            return
+        args = tuple(args)
+        self.launcher._launch(self.grid, args, self.meta)
+        config = self.launcher.memoized(args, self.meta)
+        if config is not None:
+            keywords = {**self.meta, **config}
+            grid = tuple(self.grid(keywords))
+            compiled = CompiledLaunches.of(self.launcher.autotuner.fn, len(args), keywords, grid)
+            self._resolved = (self.launcher.generation, config, keywords, grid, compiled)
+
+
+def _specialization_key(value) -> tuple:
+    """At least what Triton may specialize a compiled kernel on for this argument: a tensor's
+    dtype and 16-byte alignment; an int's type (i32, i64 or u64 by its value), == 1 and
+    divisibility by 16; for anything else its type (floats are never specialized)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int, -(2**31) <= value < 2**31, -(2**63) <= value < 2**63, value == 1, value % 16 == 0
+    return (type(value), value) if isinstance(value, bool) else (type(value),)
+
+
+class CompiledLaunches:
+    """The launches of a :class:`BoundLaunch` once resolved, sent to the compiled kernel itself:
+    ``CompiledKernel[grid](*arguments)``, Triton's own launch of a compiled kernel, with every
+    argument in the kernel's order (the constexprs too, as ``JITFunction.run`` passes them).
+
+    Why: ``JITFunction.run`` binds and specializes all ~30 arguments, builds its cache key and
+    checks the kernel's globals on every launch, about 20 of the ~25 µs a launch takes on this
+    project's CPU (triton 3.6 and 3.9, bench/host_overhead.py), where a bound launch changes only
+    a few arguments from call to call. What a compiled kernel is specialized on
+    (:func:`_specialization_key`) is worked out from those per-call values (the fixed ones never
+    change) and, with the current device, keys the compiled kernels kept here: the first call of
+    each key goes through ``run``, which compiles or finds the kernel and returns it, so a call
+    never runs a kernel compiled for other argument properties.
+
+    Only for compiled JIT functions (the interpreter's run every call) without pre-run hooks;
+    ``LORAFAST_COMPILED_LAUNCH=0`` turns it off (bench/host_overhead.py --check-launches compares
+    what the driver receives either way).
+    """
+
+    def __init__(self, jit_function, keywords: dict, grid: tuple, tail: tuple) -> None:
+        self.jit_function = jit_function
+        self.keywords, self.grid, self.tail = keywords, grid, tail
+        self._kernels: dict[tuple, object] = {}  # (device, per-call specialization) -> CompiledKernel
+
+    @classmethod
+    def of(cls, jit_function, positional: int, keywords: dict, grid: tuple) -> CompiledLaunches | None:
+        """For ``jit_function`` called with ``positional`` arguments and ``keywords``; None where
+        launches must go through ``run``: the interpreter, turned off, a ``run`` replaced by a
+        tool (bench/compile_check.py records launches so), or a parameter that is neither
+        positional nor among the keywords (its default would be Triton's to fill in)."""
+        from triton.runtime.jit import JITFunction
+
+        if not isinstance(jit_function, JITFunction) or "run" in vars(jit_function) or not compiled_launches_enabled():
+            return None
+        names = jit_function.arg_names[positional:]
+        if any(name not in keywords for name in names):
+            return None
+        grid = (*grid, 1, 1)[:3]  # the compiled kernel's launch reads three dims (run fills in 1s)
+        return cls(jit_function, keywords, grid, tuple(keywords[name] for name in names))
+
+    def __call__(self, args: list, values: tuple) -> None:
+        jit_function = self.jit_function
+        key = (triton.runtime.driver.active.get_current_device(), *map(_specialization_key, values))
+        kernel = self._kernels.get(key)
+        if kernel is None or jit_function.pre_run_hooks:
+            kernel = jit_function.run(*args, grid=self.grid, warmup=False, **self.keywords)
+            if kernel is not None and not jit_function.pre_run_hooks:
+                self._kernels[key] = kernel
+            return
+        kernel[self.grid](*args, *self.tail)
+
+
+def stride_unsafe(t: torch.Tensor) -> bool:
+    """Whether a ``BLOCK * stride`` increment over ``t`` could overflow int32 (:func:`stride_safe`)."""
+    return t.numel() > 0 and max(t.stride()) * _MAX_BLOCK >= 2**31
+
+
 def stride_safe(t: torch.Tensor) -> torch.Tensor:
     """Return ``t``, or a contiguous copy if a ``BLOCK * stride`` increment could overflow int32."""
-    if t.numel() > 0 and max(t.stride()) * _MAX_BLOCK >= 2**31:
-        return t.contiguous()
-    return t
+    return t.contiguous() if stride_unsafe(t) else t
 
 
 # ----------------------------------------------------------------------------- validation

@@ -94,6 +94,7 @@ from ._common import (
     MAX_RANK,
     MIN_DOT,
     SMALL_M_MAX,
+    BoundLaunch,
     TunedLauncher,
     arch_family,
     autotune_enabled,
@@ -123,6 +124,7 @@ from ._common import (
     seed_arguments,
     smem_limit,
     stride_safe,
+    stride_unsafe,
 )
 from .main_gemm import MAIN_GEMM_CHOOSER, MAIN_GEMMS
 
@@ -1077,13 +1079,12 @@ def autotune_choices() -> dict[str, list[dict]]:
 
 @dataclass(frozen=True)
 class LoraScalars:
-    """The scalars of one LoRA call, grouped: scaling s, dropout p, Philox seed, and whether the
-    LoRA dots split their fp32 operands (:func:`~lorafast.kernels._common.needs_split`)."""
+    """The scalars of a LoRA call signature, grouped: scaling s, dropout p, and whether the LoRA
+    dots split their fp32 operands (:func:`~lorafast.kernels._common.needs_split`). Not the
+    Philox seed: it changes every call, so the launch plans take it per call."""
 
     scaling: float
     dropout_p: float
-    seed_word: int  # with seed_ptr, the kernels' seed arguments (_common.seed_arguments)
-    seed_ptr: torch.Tensor
     split_lora: bool
 
     @property
@@ -1192,75 +1193,82 @@ def _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u) -> None:
     )
 
 
-def _launch_down(x, lora_A, u, sc: LoraScalars) -> None:
-    """F1: u [M, r] fp32 <- s/(1-p) (m ⊙ x) Aᵀ."""
-    M, K = x.shape
-    r = lora_A.shape[0]
+def _row_blocks_by_rank_blocks(M: int, r: int) -> tuple[int, int, Callable[[dict], tuple]]:
+    """``(R_PAD, BLOCK_R, grid)`` of F1 and B1: programs over row blocks of M times rank blocks of
+    at most 64 (the rank padded to R_PAD)."""
     r_pad = padded_rank(r)
     block_r = min(r_pad, 64)
-    grid = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
-    _lora_down[grid](
-        x,
-        lora_A,
-        u,  # [M, K], [r, K], [M, r]
+    return r_pad, block_r, lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)
+
+
+def _bind_down(x, lora_A, sc: LoraScalars) -> BoundLaunch:
+    """F1: u [M, r] fp32 <- s/(1-p) (m ⊙ x) Aᵀ. Per call: ``(x, lora_A, u, seed_word, seed_ptr)``."""
+    M, K = x.shape
+    r = lora_A.shape[0]
+    r_pad, block_r, grid = _row_blocks_by_rank_blocks(M, r)
+    args = [
+        None,
+        None,
+        None,  # x [M, K], A [r, K], u [M, r] (contiguous)
         M,
         K,
         r,
         m_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        u.stride(0),
-        u.stride(1),
+        *x.stride(),
+        *lora_A.stride(),
+        r,
+        1,
         sc.scaling * sc.inv_keep,
-        sc.seed_word,
-        sc.seed_ptr,
+        None,
+        None,  # seed_word, seed_ptr
         sc.threshold,
+    ]
+    meta = dict(
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
         R_PAD=r_pad,
         BLOCK_R=block_r,
     )
+    return _lora_down.bind(grid, args, meta)
 
 
-def _launch_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars, *, gemm: bool = True) -> None:
-    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias; with ``gemm=False``: y <- u Bᵀ + bias (the cuBLAS path's seed)."""
+def _bind_fwd_main(x, weight, lora_B, sc: LoraScalars, *, has_bias: bool, gemm: bool) -> BoundLaunch:
+    """F2: y [M, N] <- x Wᵀ + u Bᵀ + bias; with ``gemm=False``: y <- u Bᵀ + bias (the cuBLAS path's
+    seed). Per call: ``(x, weight, bias or x, u, lora_B, y)``."""
     M, K = x.shape
-    N = weight.shape[0]
-    r = lora_B.shape[1]
+    N, r = lora_B.shape
     r_pad = padded_rank(r)
     grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    _lora_fwd_main[grid](
-        x,
-        weight,
-        bias if bias is not None else x,
-        u,
-        lora_B,
-        y,  # [M,K], [N,K], [N], [M,r], [N,r], [M,N]
+    args = [
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,  # x [M,K], W [N,K], bias [N] (x without one), u [M,r], B [N,r], y [M,N] (u, y contiguous)
         M,
         N,
         K,
         r,
         m_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        u.stride(0),
-        u.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=bias is not None,
+        *x.stride(),
+        *weight.stride(),
+        r,
+        1,
+        *lora_B.stride(),
+        N,
+        1,
+    ]
+    meta = dict(
+        HAS_BIAS=has_bias,
         GEMM=gemm,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
         R_PAD=r_pad,
         BLOCK_R=min(r_pad, 32),
     )
+    return _lora_fwd_main.bind(grid, args, meta)
 
 
 _SPLIT_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (arrivals, partials)
@@ -1305,26 +1313,17 @@ def _no_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return found
 
 
-def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) -> None:
-    """Small-M fused forward: y [M, N] and u [M, r] in one kernel. The split-K scratch
-    (:func:`_split_scratch`, sized for the largest split the autotuner may pick) is passed only
-    when the launch may run a split config: autotuning, or a split config chosen for its key."""
+def _bind_fwd_small_m(x, weight, lora_A, lora_B, sc: LoraScalars, *, has_bias: bool) -> BoundLaunch:
+    """Small-M fused forward: y [M, N] and u [M, r] in one kernel. Per call: ``(x, weight, bias or
+    x, lora_A, lora_B, y, u, partials, arrivals, seed_word, seed_ptr)``; the split-K scratch
+    (:func:`_split_scratch`) or its stand-ins (:func:`_no_scratch`): see ``_ForwardPlan.run``."""
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
     block_m = max(16, next_pow2(M)) if M <= SMALL_M_MAX else SMALL_M_MAX
-    arrivals, partials = _no_scratch(x.device)
+    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m), META["SPLIT_K"])  # noqa: E731
     args = [
-        x,
-        weight,
-        bias if bias is not None else x,
-        lora_A,
-        lora_B,
-        y,
-        u,
-        partials,
-        arrivals,
-        # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r], [S·M·(N+r)], [tiles]
+        *[None] * 9,  # [M,K], [N,K], [N], [r,K], [N,r], [M,N], [M,r], [S·M·(N+r)], [tiles]; y, u contiguous
         M,
         N,
         K,
@@ -1333,40 +1332,128 @@ def _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc: LoraScalars) 
         *weight.stride(),
         *lora_A.stride(),
         *lora_B.stride(),
-        *y.stride(),
-        *u.stride(),
+        N,
+        1,
+        r,
+        1,
         sc.scaling * sc.inv_keep,
-        sc.seed_word,
-        sc.seed_ptr,
+        None,
+        None,  # seed_word, seed_ptr
         sc.threshold,
     ]
     meta = dict(
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=has_bias,
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
         R_PAD=padded_rank(r),
         BLOCK_M=block_m,
     )
-    chosen = _lora_fwd_small_m.memoized(args, meta)
-    if chosen is None or chosen["SPLIT_K"] > 1:
-        words = cdiv(M, block_m) * cdiv(N, MIN_DOT)  # BLOCK_N >= MIN_DOT
-        args[8], args[7] = _split_scratch(x.device, words, SMALL_M_MAX_SPLIT * M * (N + r))
-    grid = lambda META: (cdiv(N, META["BLOCK_N"]), cdiv(M, block_m), META["SPLIT_K"])  # noqa: E731
-    _lora_fwd_small_m[grid](*args, **meta)
+    return _lora_fwd_small_m.bind(grid, args, meta)
 
 
-def _cublas_fwd_main(x, weight, bias, u, lora_B, y, sc: LoraScalars) -> None:
-    """cuBLAS variant of F2: F2 without its GEMM writes the seed ``y = u Bᵀ + bias`` (its split
-    dots keep the fp32 LoRA term accurate), then cuBLAS accumulates onto it, ``y += x Wᵀ``
-    (``addmm_``, beta = 1: it reads the seed in its epilogue, overlapped with its main loop, where
-    a separate epilogue kernel after the GEMM would read y back and write it again). y is
-    rounded twice, as in the reference, but the first rounding is of the small LoRA term.
-    Limit (fp16): the seed is stored in fp16 before the frozen product joins it, so a LoRA term
-    beyond fp16's range (65504) is inf even where ``x Wᵀ`` would cancel it (PEFT and the Triton
-    path sum in fp32 and round once). B2's seed for the cuBLAS dX likewise."""
-    _launch_fwd_main(x, weight, bias, u, lora_B, y, sc, gemm=False)
-    y.addmm_(x, weight.t())
+def _describe(t: torch.Tensor | None) -> tuple | None:
+    """What a launch plan depends on of a tensor: shape, strides, dtype, device (not its data)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+class _PlanCache:
+    """Launch plans by call signature, the oldest dropped beyond ``limit`` (varying sequence
+    lengths make a signature per M; each plan is a few small lists, and holds no tensor)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._plans: dict[tuple, object] = {}
+
+    def get(self, key: tuple | None, build: Callable[[], object]) -> object:
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            plan = build()
+            if key is not None:
+                if len(self._plans) >= self.limit:
+                    del self._plans[next(iter(self._plans))]
+                self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_FORWARD_PLANS = _PlanCache()
+_BACKWARD_PLANS = _PlanCache()
+
+
+class _ForwardPlan:
+    """:func:`lora_forward` for one call signature (shapes, strides, dtypes and devices of the
+    tensors, scaling, dropout p, path): the inputs checked and the launches bound once
+    (:class:`~lorafast.kernels._common.BoundLaunch`); :meth:`run` allocates y and u and launches.
+    The main-GEMM choice is asked per call (it may be forced, measured later or not at all).
+
+    The cuBLAS main GEMM: F2 without its GEMM writes the seed ``y = u Bᵀ + bias`` (its split dots
+    keep the fp32 LoRA term accurate), then cuBLAS accumulates onto it, ``y += x Wᵀ`` (``addmm_``,
+    beta = 1: it reads the seed in its epilogue, overlapped with its main loop, where a separate
+    epilogue kernel after the GEMM would read y back and write it again). y is rounded twice, as
+    in the reference, but the first rounding is of the small LoRA term. Limit (fp16): the seed is
+    stored in fp16 before the frozen product joins it, so a LoRA term beyond fp16's range (65504)
+    is inf even where ``x Wᵀ`` would cancel it (PEFT and the Triton path sum in fp32 and round
+    once). B2's seed for the cuBLAS dX likewise."""
+
+    def __init__(self, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, path: str | None) -> None:
+        M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
+        if path is None and M <= SMALL_M_MAX:
+            path = "small_m"
+        if path not in ("small_m", *MAIN_GEMMS, None):
+            raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
+        self.shape, self.path = (M, N, K, r), path
+        self.device, self.dtype = x.device, x.dtype
+        self.copy_x, self.copy_weight = stride_unsafe(x), stride_unsafe(weight)
+        self.copy_bias = bias is not None and not bias.is_contiguous()  # the kernels read bias[n] at bias_ptr + n
+        self.has_bias = bias is not None
+        x, weight = stride_safe(x), stride_safe(weight)
+        sc = LoraScalars(scaling, dropout_p, needs_split(x.dtype, lora_A, lora_B))
+        if path == "small_m":
+            self.small_m = _bind_fwd_small_m(x, weight, lora_A, lora_B, sc, has_bias=self.has_bias)
+            self.small_m_scratch = (cdiv(M, self.small_m.meta["BLOCK_M"]) * cdiv(N, MIN_DOT), SMALL_M_MAX_SPLIT * M * (N + r))
+            return
+        self.down = _bind_down(x, lora_A, sc)
+        self.main = {
+            gemm: _bind_fwd_main(x, weight, lora_B, sc, has_bias=self.has_bias, gemm=gemm == "triton")
+            for gemm in MAIN_GEMMS
+        }
+        self.chooser_key = MAIN_GEMM_CHOOSER.key("forward", M, N, K, x.device, x.dtype)
+
+    def run(self, x, weight, bias, lora_A, lora_B, seed) -> tuple[torch.Tensor, torch.Tensor]:
+        M, N, K, r = self.shape
+        y = torch.empty((M, N), dtype=self.dtype, device=self.device)
+        u = torch.empty((M, r), dtype=torch.float32, device=self.device)
+        if M == 0:
+            return y, u
+        seed_word, seed_ptr = seed_arguments(seed, self.device)
+        if self.copy_x:
+            x = x.contiguous()
+        if self.copy_weight:
+            weight = weight.contiguous()
+        if self.copy_bias:
+            bias = bias.contiguous()
+        bias_or_x = bias if self.has_bias else x
+        if self.path == "small_m":
+            config = self.small_m.config  # the split-K scratch only for a launch that may split
+            if config is None or config["SPLIT_K"] > 1:
+                arrivals, partials = _split_scratch(self.device, *self.small_m_scratch)
+            else:
+                arrivals, partials = _no_scratch(self.device)
+            self.small_m(x, weight, bias_or_x, lora_A, lora_B, y, u, partials, arrivals, seed_word, seed_ptr)
+            return y, u
+        self.down(x, lora_A, u, seed_word, seed_ptr)
+
+        def main(gemm: str) -> None:  # F2, or F2's seed then cuBLAS
+            self.main[gemm](x, weight, bias_or_x, u, lora_B, y)
+            if gemm == "cublas":
+                y.addmm_(x, weight.t())
+
+        path = self.path or MAIN_GEMM_CHOOSER.choose(self.chooser_key, self.device, lambda: main)
+        main(path)
+        return y, u
 
 
 @on_first_argument_device
@@ -1389,102 +1476,107 @@ def lora_forward(
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
     "triton" (F1 + F2) or "cublas" (F1, F2 writing the seed ``u Bᵀ + bias``, cuBLAS accumulating
-    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main GEMM measured faster for
-    this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of y, so timing repeats it).
+    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main
+    GEMM measured faster for this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of
+    y, so timing repeats it). Checks and launch arguments are worked out once per call signature
+    (:class:`_ForwardPlan`).
     """
-    M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
-    check_scalars(scaling, dropout_p, seed, x.device)
-    sc = LoraScalars(
-        float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
+    check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    try:
+        key = (_describe(x), _describe(weight), _describe(bias), _describe(lora_A), _describe(lora_B))
+        key += (scaling, dropout_p, path)
+    except AttributeError:  # not tensors: the plan's checks say which
+        key = None
+    plan = _FORWARD_PLANS.get(key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, path))
+    return plan.run(x, weight, bias, lora_A, lora_B, seed)
+
+
+
+def _bind_dy(grad_y, lora_B, u, sc: LoraScalars, *, compute_db: bool, da_elements: int) -> BoundLaunch:
+    """B1: du [M, r] <- s·dY B and (``compute_db``) dB [N, r] += dYᵀ u, zeroing dA's ``da_elements``
+    first. Per call: ``(grad_y, lora_B, u, du, dB or scratch, dA or scratch)``."""
+    M, N = grad_y.shape
+    r = lora_B.shape[1]
+    r_pad, block_r, grid = _row_blocks_by_rank_blocks(M, r)
+    args = [
+        *[None] * 6,  # [M,N], [N,r], [M,r], [M,r], [N,r], [r,K]; du contiguous
+        M,
+        N,
+        r,
+        m_bucket(M),
+        da_elements,
+        *grad_y.stride(),
+        *lora_B.stride(),
+        *u.stride(),
+        r,
+        1,
+        r,
+        1,
+        sc.scaling,
+    ]
+    meta = dict(
+        COMPUTE_DB=compute_db,
+        DOT_PREC=dot_precision(grad_y.dtype),
+        SPLIT_LORA=sc.split_lora,
+        R_PAD=r_pad,
+        BLOCK_R=block_r,
+        ZERO_BLOCK=1024,
     )
-    if path is None and M <= SMALL_M_MAX:
-        path = "small_m"
-    if path not in ("small_m", *MAIN_GEMMS, None):
-        raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    u = torch.empty((M, r), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return y, u
-    x, weight = stride_safe(x), stride_safe(weight)
-    if bias is not None:
-        bias = bias.contiguous()  # the kernels read bias[n] at bias_ptr + n
-    if path == "small_m":
-        _launch_fwd_small_m(x, weight, bias, lora_A, lora_B, y, u, sc)
-        return y, u
-    _launch_down(x, lora_A, u, sc)
-
-    def main(gemm: str) -> None:  # F2, or F2's seed then cuBLAS
-        (_cublas_fwd_main if gemm == "cublas" else _launch_fwd_main)(x, weight, bias, u, lora_B, y, sc)
-
-    if path is None:
-        key = MAIN_GEMM_CHOOSER.key("forward", M, N, K, x.device, x.dtype)
-        path = MAIN_GEMM_CHOOSER.choose(key, x.device, lambda: main)
-    main(path)
-    return y, u
+    return _lora_dy.bind(grid, args, meta)
 
 
-def _launch_ordered_grads(grad_y, u, db, x, du, da, sc: LoraScalars) -> None:
-    """dB [N, r] <- dYᵀ u and dA [r, K] <- duᵀ (m ⊙ x)/(1-p), each summed over M in a fixed order."""
+def _bind_ordered_grads(grad_y, u, x, sc: LoraScalars) -> BoundLaunch:
+    """dB [N, r] <- dYᵀ u and dA [r, K] <- duᵀ (m ⊙ x)/(1-p), each summed over M in a fixed order.
+    Per call: ``(grad_y, u, dB, x, du, dA, seed_word, seed_ptr)``."""
     M, N = grad_y.shape
     K = x.shape[1]
     r = u.shape[1]
     r_pad = padded_rank(r)
     block_r = min(r_pad, 64)
     grid = lambda META: (cdiv(N, META["BLOCK_C"]) + cdiv(K, META["BLOCK_C"]), r_pad // block_r)  # noqa: E731
-    _lora_ordered_grads[grid](
-        grad_y,
-        u,
-        db,
-        x,
-        du,
-        da,  # [M,N], [M,r], [N,r], [M,K], [M,r], [r,K]
+    args = [
+        *[None] * 6,  # [M,N], [M,r], [N,r], [M,K], [M,r], [r,K]; dB, du, dA contiguous
         M,
         N,
         K,
         r,
         m_bucket(M),
-        grad_y.stride(0),
-        grad_y.stride(1),
-        u.stride(0),
-        u.stride(1),
+        *grad_y.stride(),
+        *u.stride(),
         r,
         1,
-        x.stride(0),
-        x.stride(1),
-        du.stride(0),
-        du.stride(1),
+        *x.stride(),
+        r,
+        1,
         K,
         1,
         sc.inv_keep,
-        sc.seed_word,
-        sc.seed_ptr,
+        None,
+        None,  # seed_word, seed_ptr
         sc.threshold,
+    ]
+    meta = dict(
         HAS_DROPOUT=sc.has_dropout,
         DOT_PREC=dot_precision(x.dtype),
         SPLIT_LORA=sc.split_lora,
         R_PAD=r_pad,
         BLOCK_R=block_r,
     )
+    return _lora_ordered_grads.bind(grid, args, meta)
 
 
-def _launch_dx(
-    grad_y, weight, du, lora_A, x, dx, da, sc: LoraScalars, *, gemm: bool, compute_dx: bool, compute_da: bool
-) -> None:
+def _bind_dx(grad_y, weight, lora_A, x, sc: LoraScalars, *, gemm: bool, compute_dx: bool, compute_da: bool) -> BoundLaunch:
     """B2: dX [M, K] <- (``gemm``: dY W) + m ⊙ (du A)/(1-p) if ``compute_dx``; dA [r, K] += duᵀ (m ⊙ x)/(1-p)
-    if ``compute_da`` (fp32 atomics). A tensor whose flag is off is a stand-in, never written."""
+    if ``compute_da`` (fp32 atomics). A tensor whose flag is off is a stand-in, never written.
+    Per call: ``(grad_y, weight, du, lora_A, x, dX, dA, seed_word, seed_ptr)``."""
     M, N = grad_y.shape
     K = x.shape[1]
     r = lora_A.shape[0]
     r_pad = padded_rank(r)
     grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    _lora_dx[grid](
-        grad_y,
-        weight,
-        du,
-        lora_A,
-        x,
-        dx,
-        da,  # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]
+    args = [
+        *[None] * 7,  # [M,N], [N,K], [M,r], [r,K], [M,K], [M,K], [r,K]; du, dX, dA contiguous
         M,
         N,
         K,
@@ -1492,17 +1584,20 @@ def _launch_dx(
         m_bucket(M),
         *grad_y.stride(),
         *weight.stride(),
-        *du.stride(),
+        r,
+        1,
         *lora_A.stride(),
         *x.stride(),
-        K,  # dX and dA: contiguous
+        K,
         1,
         K,
         1,
         sc.inv_keep,
-        sc.seed_word,
-        sc.seed_ptr,
+        None,
+        None,  # seed_word, seed_ptr
         sc.threshold,
+    ]
+    meta = dict(
         GEMM=gemm,
         COMPUTE_DX=compute_dx,
         COMPUTE_DA=compute_da,
@@ -1512,6 +1607,87 @@ def _launch_dx(
         R_PAD=r_pad,
         BLOCK_R=min(r_pad, 32),
     )
+    return _lora_dx.bind(grid, args, meta)
+
+
+class _BackwardPlan:
+    """:func:`lora_backward` for one call signature (the tensors' shapes, strides, dtypes and
+    devices, the scalars, the gradients asked for, the main GEMM and reduction): checked and
+    bound once, run per call, as :class:`_ForwardPlan`."""
+
+    def __init__(
+        self, grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, needs_grad_x, needs_grad_lora, main_gemm, reduction
+    ) -> None:
+        _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u)
+        if main_gemm not in (*MAIN_GEMMS, None):
+            raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
+        M, K = x.shape
+        N, r = lora_B.shape
+        self.shape, self.device, self.dtype = (M, N, K, r), x.device, x.dtype
+        self.needs_grad_x, self.needs_grad_lora, self.main_gemm = needs_grad_x, needs_grad_lora, main_gemm
+        self.ordered = needs_grad_lora and reduction == "ordered"
+        self.atomic_lora = needs_grad_lora and not self.ordered  # dB by B1's atomics, dA by B2's
+        self.copies = tuple(stride_unsafe(t) for t in (grad_y, x, weight))
+        grad_y, x, weight = stride_safe(grad_y), stride_safe(x), stride_safe(weight)
+        sc = LoraScalars(scaling, dropout_p, needs_split(x.dtype, lora_A, lora_B))
+        self.dy = _bind_dy(grad_y, lora_B, u, sc, compute_db=self.atomic_lora, da_elements=r * K if self.atomic_lora else 0)
+        if self.ordered:
+            self.ordered_grads = _bind_ordered_grads(grad_y, u, x, sc)
+        if not needs_grad_x:  # dA only (or nothing: the ordered kernel gave it)
+            self.da_only = _bind_dx(grad_y, weight, lora_A, x, sc, gemm=False, compute_dx=False, compute_da=True)
+        else:
+            self.dx = {
+                gemm: _bind_dx(
+                    grad_y, weight, lora_A, x, sc, gemm=gemm == "triton", compute_dx=True, compute_da=self.atomic_lora
+                )
+                for gemm in MAIN_GEMMS
+            }
+        self.chooser_key = MAIN_GEMM_CHOOSER.key("backward", M, K, N, x.device, x.dtype)
+
+    def run(self, grad_y, x, weight, lora_A, lora_B, u, seed):
+        if not (self.needs_grad_x or self.needs_grad_lora):
+            return None, None, None
+        M, N, K, r = self.shape
+        dev, atomic_lora = self.device, self.atomic_lora
+        seed_word, seed_ptr = seed_arguments(seed, dev)
+        grad_y, x, weight = (t.contiguous() if copy else t for t, copy in zip((grad_y, x, weight), self.copies, strict=True))
+        du = torch.empty((M, r), dtype=torch.float32, device=dev)
+        dx = torch.empty((M, K), dtype=self.dtype, device=dev) if self.needs_grad_x else None
+        # dA and dB in fp32 (separate buffers: the custom op's outputs must not alias); as atomic
+        # targets dB is zeroed here and dA by B1; the ordered kernel writes every element
+        da = torch.empty((r, K), dtype=torch.float32, device=dev) if self.needs_grad_lora else None
+        db = (torch.empty if self.ordered else torch.zeros)((N, r), dtype=torch.float32, device=dev) if self.needs_grad_lora else None
+        # pointer slots a launch does not use get a scratch of their own (autotune's reset_to_zero
+        # zeroes them, which must not touch dA / dB the ordered kernel wrote)
+        scratch = None if self.needs_grad_x and atomic_lora else torch.zeros(1, dtype=torch.float32, device=dev)
+        if M == 0:  # no rows: nothing to launch, the gradients are zeros
+            for grad in (dx, da, db):
+                if grad is not None:
+                    grad.zero_()
+        else:
+            # ---- B1: du, dB
+            self.dy(grad_y, lora_B, u, du, db if atomic_lora else scratch, da if atomic_lora else scratch)
+            if self.ordered:
+                self.ordered_grads(grad_y, u, db, x, du, da, seed_word, seed_ptr)
+            # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
+            if not self.needs_grad_x:
+                if atomic_lora:
+                    self.da_only(grad_y, weight, du, lora_A, x, scratch, da, seed_word, seed_ptr)
+            else:
+
+                def main(gemm: str, da_target: torch.Tensor = da if atomic_lora else scratch) -> None:
+                    self.dx[gemm](grad_y, weight, du, lora_A, x, dx, da_target, seed_word, seed_ptr)
+                    if gemm == "cublas":
+                        dx.addmm_(grad_y, weight)
+
+                def prepare():  # measuring: B2 rewrites dX, but adds into dA: time it adding into scratch
+                    timing_da = torch.zeros_like(da) if atomic_lora else scratch
+                    return lambda gemm: main(gemm, timing_da)
+
+                main(self.main_gemm or MAIN_GEMM_CHOOSER.choose(self.chooser_key, dev, prepare))
+        grad_A = da.to(lora_A.dtype) if da is not None else None
+        grad_B = db.to(lora_B.dtype) if db is not None else None
+        return dx, grad_A, grad_B
 
 
 @on_first_argument_device
@@ -1530,7 +1706,6 @@ def lora_backward(
     *,
     main_gemm: str | None = None,
     reduction: str | None = None,
-    validate: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fused LoRA backward: returns ``(dX [M, K] x.dtype, dA [r, K] lora_A.dtype, dB [N, r] lora_B.dtype)``,
     None for what is not needed.
@@ -1541,104 +1716,24 @@ def lora_backward(
     dA and dB without atomics (:func:`choose_reduction`, the default's rule).
     ``main_gemm`` (keyword-only) forces "triton" or "cublas" for ``dY W``; default: the one
     measured faster for (M, K, N) (:mod:`~lorafast.kernels.main_gemm`; while measuring, B2's dA
-    atomics go to a scratch buffer). ``validate=False`` skips the input checks, for callers
-    whose inputs are this module's own forward's (lorafast.ops' autograd: ~20 µs of Python).
+    atomics go to a scratch buffer). Checks and launch arguments are worked out once per call
+    signature (:class:`_BackwardPlan`).
     """
-    if validate:
-        _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u)
-        check_scalars(scaling, dropout_p, seed, x.device)
-    M, K = x.shape
-    N, r = lora_B.shape
-    sc = LoraScalars(
-        float(scaling), float(dropout_p), *seed_arguments(seed, x.device), needs_split(x.dtype, lora_A, lora_B)
+    check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    reduction = choose_reduction(reduction) if needs_grad_lora else None
+    try:
+        key = tuple(_describe(t) for t in (grad_y, x, weight, lora_A, lora_B, u))
+        key += (scaling, dropout_p, bool(needs_grad_x), bool(needs_grad_lora), main_gemm, reduction)
+    except AttributeError:  # not tensors: the plan's checks say which
+        key = None
+    plan = _BACKWARD_PLANS.get(
+        key,
+        lambda: _BackwardPlan(
+            grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, needs_grad_x, needs_grad_lora, main_gemm, reduction
+        ),
     )
-    if main_gemm not in (*MAIN_GEMMS, None):
-        raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
-    ordered = needs_grad_lora and choose_reduction(reduction) == "ordered"
-    atomic_lora = needs_grad_lora and not ordered  # dB by B1's atomics, dA by B2's
-    if not (needs_grad_x or needs_grad_lora):
-        return None, None, None
-
-    dev = x.device
-    grad_y, x, weight = stride_safe(grad_y), stride_safe(x), stride_safe(weight)
-    r_pad = padded_rank(r)
-    du = torch.empty((M, r), dtype=torch.float32, device=dev)
-    dx = torch.empty((M, K), dtype=x.dtype, device=dev) if needs_grad_x else None
-    # dA and dB in fp32 (separate buffers: the custom op's outputs must not alias); as atomic
-    # targets dB is zeroed here and dA by B1; the ordered kernel writes every element
-    da = torch.empty((r, K), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    db = (torch.empty if ordered else torch.zeros)((N, r), dtype=torch.float32, device=dev) if needs_grad_lora else None
-    # pointer slots a launch does not use get a scratch of their own (autotune's reset_to_zero
-    # zeroes them, which must not touch dA / dB the ordered kernel wrote)
-    scratch = None if needs_grad_x and atomic_lora else torch.zeros(1, dtype=torch.float32, device=dev)
-    if M > 0:
-        # ---- B1: du, dB
-        block_r = min(r_pad, 64)
-        grid1 = lambda META: (cdiv(M, META["BLOCK_M"]), r_pad // block_r)  # noqa: E731
-        _lora_dy[grid1](
-            grad_y,
-            lora_B,
-            u,
-            du,
-            db if atomic_lora else scratch,
-            da if atomic_lora else scratch,  # [M,N], [N,r], [M,r], [M,r], [N,r], [r,K]
-            M,
-            N,
-            r,
-            m_bucket(M),
-            da.numel() if atomic_lora else 0,
-            grad_y.stride(0),
-            grad_y.stride(1),
-            lora_B.stride(0),
-            lora_B.stride(1),
-            u.stride(0),
-            u.stride(1),
-            du.stride(0),
-            du.stride(1),
-            r,
-            1,
-            sc.scaling,
-            COMPUTE_DB=atomic_lora,
-            DOT_PREC=dot_precision(x.dtype),
-            SPLIT_LORA=sc.split_lora,
-            R_PAD=r_pad,
-            BLOCK_R=block_r,
-            ZERO_BLOCK=1024,
-        )
-        if ordered:
-            _launch_ordered_grads(grad_y, u, db, x, du, da, sc)
-        # ---- B2: dX (GEMM, or the seed of cuBLAS's dY W), dA
-        if not needs_grad_x:
-            if atomic_lora:  # dA only
-                _launch_dx(
-                    grad_y, weight, du, lora_A, x, scratch, da, sc, gemm=False, compute_dx=False, compute_da=True
-                )  # fmt: skip
-        else:
-            da_target = da if atomic_lora else scratch
-
-            def main(gemm: str, da_target: torch.Tensor = da_target) -> None:
-                _launch_dx(
-                    grad_y, weight, du, lora_A, x, dx, da_target, sc,
-                    gemm=gemm == "triton", compute_dx=True, compute_da=atomic_lora,
-                )  # fmt: skip
-                if gemm == "cublas":
-                    dx.addmm_(grad_y, weight)
-
-            def prepare():  # measuring: B2 rewrites dX, but adds into dA: time it adding into scratch
-                timing_da = torch.zeros_like(da) if atomic_lora else scratch
-                return lambda gemm: main(gemm, timing_da)
-
-            if main_gemm is None:
-                key = MAIN_GEMM_CHOOSER.key("backward", M, K, N, dev, x.dtype)
-                main_gemm = MAIN_GEMM_CHOOSER.choose(key, dev, prepare)
-            main(main_gemm)
-    else:  # no rows: nothing to launch, the gradients are zeros
-        for grad in (dx, da, db):
-            if grad is not None:
-                grad.zero_()
-    grad_A = da.to(lora_A.dtype) if da is not None else None
-    grad_B = db.to(lora_B.dtype) if db is not None else None
-    return dx, grad_A, grad_B
+    return plan.run(grad_y, x, weight, lora_A, lora_B, u, seed)
 
 
 def dropout_keep_mask(seed: int | torch.Tensor, M: int, K: int, dropout_p: float, device) -> torch.Tensor:

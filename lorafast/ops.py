@@ -42,14 +42,21 @@ def get_backend() -> str:
     return _backend
 
 
+_kernels = None  # lorafast.kernels once imported (every fused call asks for it)
+
+
 def _load_kernels():
     """Import ``lorafast.kernels``, or raise a clear error saying why the Triton backend is unusable."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
     try:
         from lorafast import kernels
     except ImportError as error:  # triton missing (e.g. not Linux)
         raise RuntimeError(f"the lorafast 'triton' backend needs Triton, which failed to import: {error}") from error
     if not hasattr(kernels, "lora_forward"):
         raise RuntimeError("the lorafast 'triton' backend is not available in this build (no fused kernels)")
+    _kernels = kernels
     return kernels
 
 
@@ -152,7 +159,7 @@ def _lora_backward_impl(
     without dX no ``dY W`` GEMM runs, without the LoRA gradients no pass over x; its output is
     then an empty ``[0]`` tensor (an op's output cannot be None)."""
     if fused:
-        kernels = _load_kernels()  # inputs are the forward's (validated there): skip the checks
+        kernels = _load_kernels()
         grads = kernels.lora_backward(
             grad_y,
             x,
@@ -165,7 +172,6 @@ def _lora_backward_impl(
             _kernel_seed(seed, grad_y.device),
             needs_grad_x,
             needs_grad_lora,
-            validate=False,
         )
     else:
         keep_mask = _keep_mask(seed, grad_y.shape[0], weight.shape[1], dropout_p, grad_y.device)
@@ -211,7 +217,8 @@ def _input_grads(ctx, grad_y: torch.Tensor, backward: Callable) -> tuple[torch.T
     if seed is None:
         seed = ctx.host_seed
     scaling, dropout_p, fused = ctx.hyper
-    grad_y = grad_y.to(weight.dtype)
+    if grad_y.dtype != weight.dtype:
+        grad_y = grad_y.to(weight.dtype)
     M = grad_y.shape[0]
     # not saved, so not read (only dX is needed): zero-stride stand-ins of the right shape and dtype
     if x is None:
@@ -276,10 +283,17 @@ def lora_linear(
     Under ``torch.autocast`` the frozen product runs in the autocast dtype (x, W and bias are
     cast to it, as autocast's own linear would) and the op itself runs with autocast off.
     """
-    in_features = weight.shape[1]
+    out_features, in_features = weight.shape[0], weight.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"LoRA linear expects inputs [..., {in_features}], got {tuple(x.shape)}")
-    if lora_A.shape != (lora_B.shape[1], in_features) or lora_B.shape[0] != weight.shape[0]:
+    # ints compared one by one: a torch.Size compared with a tuple costs ~5 µs of Python (sym_eq)
+    if (
+        lora_A.dim() != 2
+        or lora_B.dim() != 2
+        or lora_A.shape[0] != lora_B.shape[1]
+        or lora_A.shape[1] != in_features
+        or lora_B.shape[0] != out_features
+    ):
         raise ValueError(
             f"LoRA shapes do not fit the base weight {tuple(weight.shape)}: "
             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
@@ -299,13 +313,14 @@ def lora_linear(
         seed = x.new_zeros((), dtype=torch.int64)
     else:
         seed = _NO_SEED
-    inputs = (x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
+    rows = x if x.dim() == 2 else x.reshape(-1, in_features)
+    inputs = (rows, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, use_triton(x.device))
     if autocasting:
         with torch.autocast(device_type, enabled=False):
             y, _ = forward(*inputs)
     else:  # entering a disabled autocast context costs ~7 µs per call (eager decode, CPU profile)
         y, _ = forward(*inputs)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 def _seed_device(x: torch.Tensor) -> torch.device:

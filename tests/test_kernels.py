@@ -26,8 +26,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+import weakref  # noqa: E402
 
 import pytest  # noqa: E402
 from kernel_harness import forced_config, interpreter_bf16_fixes, interpreting  # noqa: E402
@@ -191,14 +193,9 @@ def test_deterministic_algorithms_choose_the_ordered_reduction(monkeypatch):
     x, w, b, a, bb, dy = make_inputs(70, 40, 24, 8, F32, True)
     _, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 3)
     grids = []
-
-    class RecordingLauncher:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return ordered_launcher[grid]
-
-    ordered_launcher = K.lora_linear._lora_ordered_grads
-    monkeypatch.setattr(K.lora_linear, "_lora_ordered_grads", RecordingLauncher())
+    ordered_kernel = K.lora_linear._lora_ordered_grads.autotuner.fn  # every launch ends in its run
+    run = ordered_kernel.run
+    monkeypatch.setattr(ordered_kernel, "run", lambda *args, grid, **kw: grids.append(grid) or run(*args, grid=grid, **kw))
     assert K.choose_reduction() == "atomic"
     atomic = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 3)
     assert grids == []
@@ -226,6 +223,56 @@ def test_non_contiguous_x_weight_and_bias(dtype):
     run_case(33, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
     run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True)
     run_case(70, 40, 24, 8, dtype, True, 0.1, F32, noncontig=True, main_gemm="cublas", reduction="ordered")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [7, 70])
+def test_launch_plans_follow_strides_and_keep_no_tensor(M):
+    """The launchers work out checks and launch arguments once per call signature (_ForwardPlan,
+    _BackwardPlan): the same shapes with other strides (transposed views) get a plan of their
+    own and the same results, bit for bit, and a cached plan keeps none of the call's tensors."""
+    x, w, b, a, bb, dy = make_inputs(M, 40, 24, 8, F32, True)
+    y, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 7)
+    grads = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 7)
+    x_t, w_t, dy_t = (t.t().contiguous().t() for t in (x, w, dy))
+    y_t, u_t = lora_forward(x_t, w_t, b, a, bb, 2.0, 0.1, 7)
+    grads_t = lora_backward(dy_t, x_t, w_t, a, bb, u_t, 2.0, 0.1, 7)
+    for got, expected in zip((y_t, u_t, *grads_t), (y, u, *grads), strict=True):
+        assert torch.equal(got, expected)
+    probe = x.clone()
+    alive = weakref.ref(probe)
+    lora_backward(dy, probe, w, a, bb, lora_forward(probe, w, b, a, bb, 2.0, 0.1, 7)[1], 2.0, 0.1, 7)
+    del probe
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.interpreter
+def test_a_cached_plan_asks_for_the_main_gemm_on_every_call(monkeypatch):
+    """LORAFAST_MAIN_GEMM (like a choice measured later) still decides after a plan is cached:
+    the cuBLAS path runs addmm_ in forward and backward, the Triton GEMM none."""
+    x, w, b, a, bb, dy = make_inputs(70, 40, 24, 8, F32, True)
+    addmm_calls = []
+    addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda t, *args, **kw: addmm_calls.append(1) or addmm(t, *args, **kw))
+    outputs = {}
+    for main_gemm in ("cublas", "triton", "cublas"):
+        monkeypatch.setenv("LORAFAST_MAIN_GEMM", main_gemm)
+        addmm_calls.clear()
+        y, u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 7)
+        dx = lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 7)[0]
+        assert len(addmm_calls) == (2 if main_gemm == "cublas" else 0), main_gemm
+        outputs.setdefault(main_gemm, (y, dx))
+    for got, expected in zip(outputs["triton"], outputs["cublas"], strict=True):
+        assert_close(got, expected, F32)
+
+
+def test_the_plan_cache_drops_its_oldest_plan_beyond_its_limit():
+    cache = K.lora_linear._PlanCache(limit=2)
+    built = []
+    for key in ["a", "b", "a", "c", "a", None, None]:  # None: a call that cannot be keyed, never kept
+        cache.get(key, lambda key=key: built.append(key) or f"plan {key}")
+    assert built == ["a", "b", "c", "a", None, None]
 
 
 @pytest.mark.interpreter
@@ -472,7 +519,7 @@ def test_kept_elements_are_scaled_by_the_inverse_keep_probability():
     assert threshold == 19661 and kept.numel() > 0
     assert torch.equal(kept, torch.full_like(kept, 2**16 / (2**16 - threshold)))
     assert resolved_dropout_p(0.99999) == resolved_dropout_p(0.999999) == 1 - 2**-16
-    scales = {K.lora_linear.LoraScalars(1.0, p, 0, x, False).inv_keep for p in (0.99999, 0.999999)}
+    scales = {K.lora_linear.LoraScalars(1.0, p, False).inv_keep for p in (0.99999, 0.999999)}
     assert scales == {2.0**16}
 
 

@@ -1,5 +1,5 @@
 """Launch helpers of kernels._common: TunedLauncher (the autotuner once per key, then the JIT
-function with its choice), launch_device (the tensors' GPU made current) and the architecture
+function with its choice), BoundLaunch (a launch with its fixed arguments bound), launch_device (the tensors' GPU made current) and the architecture
 lookups the prunes use.
 
 TunedLauncher is checked with a stand-in autotuner that records calls (the real one is exercised
@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
+import pytest
 import torch
 from lorafast.kernels._common import (
     SMEM_PER_BLOCK,
+    BoundLaunch,
     TunedLauncher,
     arch_family,
     device_arch,
@@ -154,6 +156,36 @@ def test_nothing_is_memoized_when_a_tool_replaces_run():
     _call(launcher, 300)
     _call(launcher, 300)
     assert len(recorded) == 2 and len(fake.direct) == 0
+
+
+def test_a_bound_launch_goes_through_the_launcher_until_its_config_is_memoized():
+    """BoundLaunch: each call fills the ``None`` slots in order; the first goes through the
+    autotuner, later ones launch the JIT function with the memoized config and the grid it gives,
+    a ``forget`` sends the next call through the autotuner again."""
+    fake = FakeAutotuner()
+    launcher = TunedLauncher(fake)
+    grid = lambda meta: (meta["BLOCK"] // 8,)  # noqa: E731
+    bound = launcher.bind(grid, [None, None, 100, 8, 128], {"FLAG": True})
+    assert isinstance(bound, BoundLaunch) and bound.config is None
+    x, y = torch.empty(2), torch.empty(2)
+    bound(x, y)
+    assert len(fake.tuned) == 1 and fake.tuned[0][1][:2] == (x, y) and bound.config == {"BLOCK": 32, "num_warps": 4}
+    other = torch.empty(3)
+    bound(other, y)
+    grid_used, args, kwargs = fake.direct[-1]
+    assert grid_used == (4,) and args == (other, y, 100, 8, 128)
+    assert kwargs == {"FLAG": True, "BLOCK": 32, "num_warps": 4}
+    launcher.forget()
+    assert bound.config is None
+    bound(x, y)
+    assert len(fake.tuned) == 2 and len(fake.direct) == 1 and bound.config is not None
+
+
+def test_a_bound_launch_takes_exactly_its_slots():
+    bound = TunedLauncher(FakeAutotuner()).bind(lambda meta: (1,), [None, None, 100, 8, 128], {"FLAG": True})
+    for values in [(torch.empty(2),), (torch.empty(2), torch.empty(2), 3)]:  # two slots: x_ptr, y_ptr
+        with pytest.raises(ValueError):
+            bound(*values)
 
 
 def test_architecture_families_and_shared_memory(monkeypatch):

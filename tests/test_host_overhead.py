@@ -1,0 +1,48 @@
+"""bench/host_overhead.py, run as a subprocess on the CPU: its stand-in CUDA driver takes the
+kernels compiled for sm_90, so the compiled-launch path (kernels/_common.py ``CompiledLaunches``,
+which the interpreter never takes) runs here; the check asserts that it hands the driver the same
+kernels, grids and arguments as ``JITFunction.run`` does, for decode and both training paths.
+A subprocess because conftest.py sets ``TRITON_INTERPRET=1`` and kernels are compiled or
+interpreted by what was set when they were imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "host_overhead.py"
+NO_CUDA_TARGET = 2  # the script's exit status when this triton cannot compile for CUDA
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode == NO_CUDA_TARGET:
+        pytest.skip(f"triton cannot compile for CUDA on this machine: {proc.stderr.strip()}")
+    return proc
+
+
+def test_compiled_launches_hand_the_driver_what_jit_run_does():
+    proc = _run("--check-launches")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the same launches as JITFunction.run" in proc.stdout
+
+
+def test_the_timing_report(tmp_path):
+    out = tmp_path / "host.json"
+    proc = _run("--rounds", "3", "--calls", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == {"decode", "forward+backward"}
+    for case, launches in [("decode", 1), ("forward+backward", 4)]:
+        host = report["cases"][case]["host"]
+        assert set(host) == {"base", "peft", "lorafast", "triton launch"}
+        assert all(timing["min_us"] > 0 for timing in host.values())
+        assert host["lorafast"]["triton_launches"] == launches  # small-M; F1, F2 seed, B1, B2 seed
