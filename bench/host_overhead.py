@@ -305,12 +305,13 @@ def measure(rounds: int, calls: int, features: int = 64, rank: int = 16) -> dict
 
 def check_launches(features: int = 64, rank: int = 16) -> list[str]:
     """Compare what the driver is asked to launch with compiled launches off and on
-    (``LORAFAST_COMPILED_LAUNCH``, kernels/_common.py ``CompiledLaunches``): decode, and training
+    (``set_compiled_launches``, kernels/_common.py ``CompiledLaunches``): decode, and training
     on the cuBLAS path with atomic dA/dB and on the Triton GEMM with the ordered reduction, three
     calls each from the same RNG state. Returns the differences (none: the same kernels, grids
     and arguments, tensors compared by dtype, shape and strides, and by identity where they are
     the call's inputs), and that the last calls launched without ``JITFunction.run``."""
     from lorafast.kernels import lora_linear
+    from lorafast.kernels._common import set_compiled_launches
 
     install_stand_ins()
     settings = [("decode", {}), ("forward+backward", {"LORAFAST_MAIN_GEMM": "cublas", "LORAFAST_REDUCTION": "atomic"})]
@@ -323,9 +324,9 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
             for a in args
         )
 
-    recorded: dict[str, list] = {}
-    for compiled in ("0", "1"):
-        os.environ["LORAFAST_COMPILED_LAUNCH"] = compiled
+    recorded: dict[bool, list] = {}
+    for compiled in (False, True):
+        set_compiled_launches(compiled)
         recorded[compiled] = []
         for case, environment in settings:
             saved = {variable: os.environ.get(variable) for variable in environment}
@@ -340,11 +341,11 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
                 with recorded_launches() as launches, jit_runs() as runs:
                     layer_call()
                 recorded[compiled] += [(case, environment, call, described(launch, inputs)) for launch in launches]
-                if compiled == "1" and call == 2 and runs:
+                if compiled and call == 2 and runs:
                     return [f"{case} {environment}: the third call still went through JITFunction.run ({len(runs)})"]
             for variable, value in saved.items():
                 os.environ.pop(variable) if value is None else os.environ.update({variable: value})
-    off, on = recorded["0"], recorded["1"]
+    off, on = recorded[False], recorded[True]
     if not off:
         return ["no launch reached the driver"]
     problems = [f"{len(off)} launches with compiled launches off, {len(on)} on"] if len(off) != len(on) else []

@@ -26,7 +26,8 @@ Host overhead vs GPU time, for the fused op and its comparison (training: ``base
 GPU idle time waiting for the host counts), ``*_host_ms`` the time a call takes to return
 (``measure_host_time``: launches queued, not waited for) and ``*_graph_ms`` the GPU time alone
 (``measure_graph_time``: the call replayed from a CUDA graph; a failed capture leaves None and
-``*_graph_error``). Host time at or above graph time means launch-bound: the one-line summary
+``*_graph_error``); ``fused_jit_host_ms`` / ``fused_unmerged_jit_host_ms`` are the fused op's host
+time with every launch through ``JITFunction.run`` (compiled launches off). Host time at or above graph time means launch-bound: the one-line summary
 per shape says which. ``kernel_breakdown`` (training 8192×4096×4096 and decode M=1): device
 time per kernel of one fused call, from torch.profiler (training: also
 ``kernel_breakdown_ordered``, the same call with the ordered reduction). Each row has ``elapsed_s``, the wall
@@ -141,6 +142,16 @@ def add_host_and_graph_times(ctx, row: dict, name: str, fn) -> None:
         row[f"{name}_graph_ms"] = ctx.graph_ms(fn)
     except Exception as exc:  # noqa: BLE001 - record why, keep benchmarking
         row[f"{name}_graph_error"] = describe_error(exc)
+
+
+def add_jit_host_time(ctx, row: dict, name: str, fn) -> None:
+    """``{name}_jit_host_ms``: ``{name}_host_ms`` with every launch through ``JITFunction.run``
+    (``set_compiled_launches(False)``), to show what the compiled launches save per call."""
+    previous = ctx.kernels.set_compiled_launches(False)
+    try:
+        row[f"{name}_jit_host_ms"] = ctx.host_ms(fn)
+    finally:
+        ctx.kernels.set_compiled_launches(previous)
 
 
 def add_kernel_breakdown(ctx, row: dict, fn, key: str = "kernel_breakdown") -> None:
@@ -281,6 +292,7 @@ def bench_train_shape(ctx, M, K, N) -> dict:
         row["best_reduction"] = "ordered" if row["fused_ordered_ms"] < row["fused_ms"] else "atomic"
     add_host_and_graph_times(ctx, row, "base", base)
     add_host_and_graph_times(ctx, row, "fused", fused)
+    add_jit_host_time(ctx, row, "fused", fused)
     row["fused_over_base_graph"] = ratio(row, "fused_graph_ms", "base_graph_ms")
     if (M, K, N) == ctx.profiled_train_shape:
         add_kernel_breakdown(ctx, row, fused)
@@ -313,6 +325,7 @@ def bench_decode_shape(ctx, M, K, N) -> dict:
         row["naive_unmerged_ms"] = bench(lambda: reference.naive_lora_linear(x, w, None, a, b, scaling, 0.0, False))
         add_host_and_graph_times(ctx, row, "merged", merged_linear)
         add_host_and_graph_times(ctx, row, "fused_unmerged", fused)
+        add_jit_host_time(ctx, row, "fused_unmerged", fused)
         add_host_and_graph_times(ctx, row, "fused_cublas_unmerged", fused_cublas)
         if (M, K, N) == ctx.profiled_decode_shape:
             add_kernel_breakdown(ctx, row, fused)

@@ -12,11 +12,13 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
                   (the frozen GEMM's path: measured per shape on first use, see main_gemm)
     autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
+    set_compiled_launches(enabled) -> previous   (compiled-kernel launches on / off, below)
 
 ``lora_forward`` and ``lora_backward`` check their inputs and bind their kernel launches once per
 call signature (shapes, strides, dtypes, devices, scalars); later calls with that signature
-launch the compiled kernels directly (``LORAFAST_COMPILED_LAUNCH=0``: through
-``JITFunction.run``, as the first call of each does).
+launch the compiled kernels directly (``set_compiled_launches(False)``, or
+``LORAFAST_COMPILED_LAUNCH=0`` at start-up: through ``JITFunction.run``, as the first call of
+each does).
 
 Dots run in x's dtype with fp32 accumulation; with fp16/bf16 x and fp32 LoRA params every
 fp32 operand is split into two 16-bit parts (hi + lo), so u, dA and dB are about as accurate
@@ -42,7 +44,7 @@ if __name__ == "kernels":
     sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["kernels"])
 else:
-    from ._common import MAX_RANK, SMALL_M_MAX, resolved_dropout_p
+    from ._common import MAX_RANK, SMALL_M_MAX, resolved_dropout_p, set_compiled_launches
     from .lora_linear import (
         autotune_choices,
         choose_reduction,
@@ -64,4 +66,5 @@ else:
         "lora_forward",
         "lora_merge_",
         "resolved_dropout_p",
+        "set_compiled_launches",
     ]

@@ -35,10 +35,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compiled_launches_enabled() -> bool:
-    """False when ``LORAFAST_COMPILED_LAUNCH=0``: every launch goes through ``JITFunction.run``
-    (:class:`CompiledLaunches`)."""
-    return os.environ.get("LORAFAST_COMPILED_LAUNCH", "1").strip() != "0"
+_compiled_launches = os.environ.get("LORAFAST_COMPILED_LAUNCH", "1").strip() != "0"
+
+
+def set_compiled_launches(enabled: bool) -> bool:
+    """Whether resolved launches go to the compiled kernels (:class:`CompiledLaunches`) or every
+    one through ``JITFunction.run``; returns the previous setting. On unless the process started
+    with ``LORAFAST_COMPILED_LAUNCH=0``. For benchmarks and checks that compare the two."""
+    global _compiled_launches
+    previous, _compiled_launches = _compiled_launches, bool(enabled)
+    return previous
 
 
 def autotune_enabled() -> bool:
@@ -307,7 +313,7 @@ class BoundLaunch:
         resolved = self._resolved
         if resolved is not None and resolved[0] == self.launcher.generation:
             _, _, keywords, grid, compiled = resolved
-            if compiled is not None:
+            if compiled is not None and _compiled_launches:
                 compiled(args, values)
             else:
                 self.launcher.autotuner.fn[grid](*args, **keywords)
@@ -348,8 +354,8 @@ class CompiledLaunches:
     never runs a kernel compiled for other argument properties.
 
     Only for compiled JIT functions (the interpreter's run every call) without pre-run hooks;
-    ``LORAFAST_COMPILED_LAUNCH=0`` turns it off (bench/host_overhead.py --check-launches compares
-    what the driver receives either way).
+    :func:`set_compiled_launches` or ``LORAFAST_COMPILED_LAUNCH=0`` turns it off
+    (bench/host_overhead.py --check-launches compares what the driver receives either way).
     """
 
     def __init__(self, jit_function, keywords: dict, grid: tuple, tail: tuple) -> None:
@@ -360,12 +366,11 @@ class CompiledLaunches:
     @classmethod
     def of(cls, jit_function, positional: int, keywords: dict, grid: tuple) -> CompiledLaunches | None:
         """For ``jit_function`` called with ``positional`` arguments and ``keywords``; None where
-        launches must go through ``run``: the interpreter, turned off, a ``run`` replaced by a
-        tool (bench/compile_check.py records launches so), or a parameter that is neither
+        launches must go through ``run``: the interpreter, a ``run`` replaced by a tool (bench/compile_check.py records launches so), or a parameter that is neither
         positional nor among the keywords (its default would be Triton's to fill in)."""
         from triton.runtime.jit import JITFunction
 
-        if not isinstance(jit_function, JITFunction) or "run" in vars(jit_function) or not compiled_launches_enabled():
+        if not isinstance(jit_function, JITFunction) or "run" in vars(jit_function):
             return None
         names = jit_function.arg_names[positional:]
         if any(name not in keywords for name in names):

@@ -55,11 +55,13 @@ def test_dry_run_writes_every_row(tmp_path):
         assert row["speedup_vs_peft"] == row["peft_ms"] / row["layer_ms"]  # lorafast timed as PEFT is
         assert row["best_main_gemm"] in ("triton", "cublas")
         assert row["reduction_chosen"] == "atomic" and row["best_reduction"] in ("atomic", "ordered")
-        assert row["base_host_ms"] > 0 and row["fused_host_ms"] > 0 and row["elapsed_s"] > 0
+        assert row["base_host_ms"] > 0 and row["fused_host_ms"] > 0 and row["fused_jit_host_ms"] > 0
+        assert row["elapsed_s"] > 0
         assert row["base_graph_ms"] is row["fused_graph_ms"] is row["fused_over_base_graph"] is None
     for row in results["decode"]:
         assert row["fused_unmerged_ms"] > 0 and row["merged_ms"] > 0 and row["fused_cublas_unmerged_ms"] > 0
         assert row["fused_unmerged_host_ms"] > 0 and row["merged_host_ms"] > 0 and row["elapsed_s"] > 0
+        assert row["fused_unmerged_jit_host_ms"] > 0
         assert row["merged_graph_ms"] is row["fused_unmerged_graph_ms"] is row["fused_over_merged_graph"] is None
     # the profiled shapes (stand-ins for 8192x4096x4096 and M=1) carry the field, empty on the CPU
     assert [("kernel_breakdown" in row) for row in results["train"]] == [False, True]
