@@ -4,9 +4,10 @@ Why: an eager decode step (M = 1) and the layers of a small training batch are l
 the GPU finishes each kernel before the host has queued the next, so the Python and launch work
 per call *is* the layer's time (on the first H200 run the merged layer decoded in 0.018 ms and
 lorafast's unmerged one in 0.094 ms, mostly host time). That work can be measured on the CPU:
-this script runs the real path, lorafast's module, op, launchers and Triton's JIT dispatch
-(``JITFunction.run``: argument binding, specialization, cache lookup) on kernels compiled for
-sm_90, with a stand-in CUDA driver whose launch does nothing. Left out: the C launch itself
+this script runs the real path, lorafast's module, op, launchers and Triton's launch of the
+compiled kernels (``CompiledKernel[grid]``; the first call of a signature goes through
+``JITFunction.run``), on kernels compiled for sm_90, with a stand-in CUDA driver whose launch
+does nothing. Left out: the C launch itself
 (``cuLaunchKernelEx``, a few µs per kernel) and what PyTorch spends on CUDA bookkeeping (the
 caching allocator, stream queries) over its CPU equivalents.
 
@@ -19,8 +20,15 @@ the CPU's 16-bit matmuls are slow enough to count):
 * ``peft``: PEFT's LoRA layer;
 * ``lorafast``: lorafast's layer, "triton" backend, cuBLAS main GEMM (the CUDA default), the
   stand-in driver; ``triton_launches`` counts its kernels per call;
-* ``triton launch``: one of those launches alone, through ``JITFunction.run``: Triton's own
-  share per kernel, which lorafast cannot cut without bypassing Triton's launcher.
+* ``triton launch``: one of those launches alone, through ``JITFunction.run`` (what each launch
+  cost before lorafast's compiled launches, kernels/_common.py ``CompiledLaunches``).
+
+and a whole training step of a tiny 2-layer Llama (``STEP_CASE``: lorafast bench's training
+step, LoRA on all 14 projections, AdamW), PEFT's against lorafast's: the model's other work runs
+on the CPU alike for both, so the difference is the LoRA layers' host time.
+
+``--check-launches`` checks instead that the compiled launches hand the driver exactly what
+``JITFunction.run`` does (:func:`check_launches`; a CPU test runs it).
 
 Each figure is the median (and p20, minimum) over interleaved rounds (every provider once per
 round) of the mean over back-to-back calls (:func:`lorafast.benchmark.measure_host_time`), the
@@ -262,6 +270,23 @@ def interleaved_host_us(calls_by_name: dict[str, Callable], rounds: int, calls: 
 
 
 CASES = {"decode": (1, 0.0), "forward+backward": (TRAINING_TOKENS, 0.1)}  # case -> (tokens, dropout)
+#: The training step's model: lorafast bench's 2-layer Llama (7 projections a layer, GQA), tiny.
+STEP_CASE = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=128, batch=1, seq=TRAINING_TOKENS)
+
+
+def step_calls(rank: int) -> dict[str, Callable]:
+    """One AdamW training step of the tiny Llama (``STEP_CASE``) per provider, PEFT's and lorafast's
+    LoRA on all 14 projections (lorafast.benchmark_suite's training step, on the CPU)."""
+    from lorafast.benchmark_suite import LorafastProvider, PeftProvider, TrainStepCase, build_decoder, make_train_step
+
+    case = TrainStepCase(**STEP_CASE, rank=rank, dropout=0.1)
+    base = build_decoder(case, torch.device("cpu"), torch.float32)
+    input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(2))
+    providers = {"peft": PeftProvider(), "lorafast": LorafastProvider("triton")}
+    return {
+        name: make_train_step(provider.adapt_model(copy.deepcopy(base), case).train(), input_ids)
+        for name, provider in providers.items()
+    }
 
 
 def case_calls(case: str, features: int, rank: int, dtype: torch.dtype) -> dict[str, Callable]:
@@ -300,6 +325,14 @@ def measure(rounds: int, calls: int, features: int = 64, rank: int = 16) -> dict
         timings = interleaved_host_us(calls_by_name, rounds, calls)
         timings["lorafast"]["triton_launches"] = len(launches)
         report["cases"][case] = {"tokens": tokens, "dropout": dropout, "host": timings}
+    calls_by_name = step_calls(rank)
+    with recorded_launches() as launches:
+        calls_by_name["lorafast"]()  # the first call compiles
+        launches.clear()
+        calls_by_name["lorafast"]()
+    timings = interleaved_host_us(calls_by_name, rounds, max(1, calls // 10))
+    timings["lorafast"]["triton_launches"] = len(launches)
+    report["cases"]["training step"] = {"tokens": TRAINING_TOKENS, "dropout": 0.1, "host": timings, "model": STEP_CASE}
     return report
 
 
@@ -367,13 +400,13 @@ def format_report(report: dict) -> str:
     lines = [f"host µs per call, {report['cpu']}; triton {report['versions']['triton']}, torch {report['versions']['torch']}"]
     for case, entry in report["cases"].items():
         host = entry["host"]
-        base = host["base"]["median_us"]
+        floor = "base" if "base" in host else "peft"
         lines.append(f"{case} ({entry['tokens']} tokens, dropout {entry['dropout']}):")
         for name, timing in host.items():
             extra = f"  ({timing['triton_launches']} Triton launches)" if "triton_launches" in timing else ""
             lines.append(
                 f"  {name:14} {timing['median_us']:8.1f} [p20 {timing['p20_us']:7.1f}, min {timing['min_us']:7.1f}]"
-                f"  x base {timing['median_us'] / base:5.2f}{extra}"
+                f"  x {floor} {timing['median_us'] / host[floor]['median_us']:5.2f}{extra}"
             )
     return "\n".join(lines)
 

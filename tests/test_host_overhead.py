@@ -40,9 +40,11 @@ def test_the_timing_report(tmp_path):
     proc = _run("--rounds", "3", "--calls", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["cases"]) == {"decode", "forward+backward"}
-    for case, launches in [("decode", 1), ("forward+backward", 4)]:
+    assert set(report["cases"]) == {"decode", "forward+backward", "training step"}
+    for case, launches in [("decode", 1), ("forward+backward", 4), ("training step", 14 * 4)]:
         host = report["cases"][case]["host"]
-        assert set(host) == {"base", "peft", "lorafast", "triton launch"}
+        providers = {"peft", "lorafast"} | ({"base", "triton launch"} if case != "training step" else set())
+        assert set(host) == providers
         assert all(timing["min_us"] > 0 for timing in host.values())
-        assert host["lorafast"]["triton_launches"] == launches  # small-M; F1, F2 seed, B1, B2 seed
+        # small-M; F1, F2 seed, B1, B2 seed; that in each of the 2 x 7 projections
+        assert host["lorafast"]["triton_launches"] == launches
