@@ -81,7 +81,7 @@ class _StandInLauncher:
     argument forwarding); its C launch does nothing, or notes the launch in :data:`LAUNCHES`."""
 
     def __init__(self, src, metadata) -> None:
-        self.name = metadata.name
+        self.name = f"{metadata.name} {metadata.hash[:12]}"  # the hash: which specialization it is
         self.global_scratch_size = metadata.global_scratch_size
         self.profile_scratch_size = metadata.profile_scratch_size
         self.launch_cooperative_grid = metadata.launch_cooperative_grid
@@ -336,13 +336,36 @@ def measure(rounds: int, calls: int, features: int = 64, rank: int = 16) -> dict
     return report
 
 
+def specialization_calls(features: int = 64, rank: int = 16) -> list[Callable[[], None]]:
+    """``lora_forward`` + ``lora_backward`` calls that need kernels specialized apart: x 16-byte
+    aligned and a view 4 bytes off, each with an int seed inside int32's range (after the
+    kernels' 2**62 flip: outside), one whose flipped word is in it, and a tensor seed."""
+    from lorafast import kernels
+
+    generator = torch.Generator().manual_seed(0)
+    storage = torch.randn(TRAINING_TOKENS * features + 1, generator=generator)
+    weight, grad_y = torch.randn(features, features, generator=generator), torch.randn(TRAINING_TOKENS, features)
+    lora_A, lora_B = torch.randn(rank, features, generator=generator), torch.randn(features, rank, generator=generator)
+    calls = []
+    for x in (storage[:-1].view(TRAINING_TOKENS, features), storage[1:].view(TRAINING_TOKENS, features)):
+        for seed in (5, 2**62 + 5, torch.tensor([7])):
+
+            def call(x=x, seed=seed) -> None:
+                u = kernels.lora_forward(x, weight, None, lora_A, lora_B, 2.0, 0.1, seed)[1]
+                kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 2.0, 0.1, seed)
+
+            calls.append(call)
+    return calls
+
+
 def check_launches(features: int = 64, rank: int = 16) -> list[str]:
     """Compare what the driver is asked to launch with compiled launches off and on
-    (``set_compiled_launches``, kernels/_common.py ``CompiledLaunches``): decode, and training
-    on the cuBLAS path with atomic dA/dB and on the Triton GEMM with the ordered reduction, three
-    calls each from the same RNG state. Returns the differences (none: the same kernels, grids
-    and arguments, tensors compared by dtype, shape and strides, and by identity where they are
-    the call's inputs), and that the last calls launched without ``JITFunction.run``."""
+    (``set_compiled_launches``, kernels/_common.py ``CompiledLaunches``): decode, training on the
+    cuBLAS path with atomic dA/dB and on the Triton GEMM with the ordered reduction, three calls
+    each from the same RNG state, then :func:`specialization_calls` twice over. Returns the
+    differences (none: the same compiled kernels, by their hash, grids and arguments, tensors
+    compared by dtype, shape, strides and alignment, and by identity where they are the call's
+    inputs), and that the last calls launched without ``JITFunction.run``."""
     from lorafast.kernels import lora_linear
     from lorafast.kernels._common import set_compiled_launches
 
@@ -353,7 +376,9 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
     def described(launch: tuple, inputs: dict[int, str]) -> tuple:
         name, grid, args = launch
         return name, grid, tuple(
-            (inputs.get(id(a), "new"), a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+            (inputs.get(id(a), "new"), a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16)
+            if isinstance(a, torch.Tensor)
+            else a
             for a in args
         )
 
@@ -378,6 +403,13 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
                     return [f"{case} {environment}: the third call still went through JITFunction.run ({len(runs)})"]
             for variable, value in saved.items():
                 os.environ.pop(variable) if value is None else os.environ.update({variable: value})
+        calls = specialization_calls(features, rank)
+        for index, call in enumerate(calls * 2):  # the second time round, every specialization is known
+            with recorded_launches() as launches, jit_runs() as runs:
+                call()
+            recorded[compiled] += [("specializations", described(launch, {})) for launch in launches]
+            if compiled and index == 2 * len(calls) - 1 and runs:
+                return [f"specialization calls: the last still went through JITFunction.run ({len(runs)})"]
     off, on = recorded[False], recorded[True]
     if not off:
         return ["no launch reached the driver"]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
 #: Largest LoRA rank the kernels accept (R_PAD <= 256 keeps the epilogue tiles in SMEM).
 MAX_RANK = 256
@@ -339,6 +340,19 @@ def _specialization_key(value) -> tuple:
     return (type(value), value) if isinstance(value, bool) else (type(value),)
 
 
+def _compile_settings() -> tuple:
+    """Triton's process-wide settings that ``JITFunction.run`` adds to every launch's options, so
+    to which compiled kernel it picks: ``debug`` (device asserts), Proton's instrumentation mode,
+    and where this triton has them the fpsan casts and a stages-inspection hook (3.9)."""
+    compilation, runtime = triton.knobs.compilation, triton.knobs.runtime
+    return (
+        runtime.debug,
+        compilation.instrumentation_mode,
+        getattr(compilation, "fpsan_homomorphic_casts", None),
+        getattr(runtime, "add_stages_inspection_hook", None),
+    )
+
+
 class CompiledLaunches:
     """The launches of a :class:`BoundLaunch` once resolved, sent to the compiled kernel itself:
     ``CompiledKernel[grid](*arguments)``, Triton's own launch of a compiled kernel, with every
@@ -349,9 +363,12 @@ class CompiledLaunches:
     project's CPU (triton 3.6 and 3.9, bench/host_overhead.py), where a bound launch changes only
     a few arguments from call to call. What a compiled kernel is specialized on
     (:func:`_specialization_key`) is worked out from those per-call values (the fixed ones never
-    change) and, with the current device, keys the compiled kernels kept here: the first call of
-    each key goes through ``run``, which compiles or finds the kernel and returns it, so a call
-    never runs a kernel compiled for other argument properties.
+    change) and, with the current device and Triton's settings that enter every launch's options
+    (:func:`_compile_settings`: turning on ``TRITON_DEBUG``'s asserts or Proton mid-process takes
+    effect), keys the compiled kernels kept here: the first call of each key goes through ``run``,
+    which compiles or finds the kernel and returns it, so a call never runs a kernel compiled for
+    other argument properties or settings. Only finished ``CompiledKernel`` objects are kept (in
+    triton 3.9's ``AsyncCompileMode`` ``run`` may return a future).
 
     Only for compiled JIT functions (the interpreter's run every call) without pre-run hooks;
     :func:`set_compiled_launches` or ``LORAFAST_COMPILED_LAUNCH=0`` turns it off
@@ -380,11 +397,12 @@ class CompiledLaunches:
 
     def __call__(self, args: list, values: tuple) -> None:
         jit_function = self.jit_function
-        key = (triton.runtime.driver.active.get_current_device(), *map(_specialization_key, values))
+        device = triton.runtime.driver.active.get_current_device()
+        key = (device, _compile_settings(), *map(_specialization_key, values))
         kernel = self._kernels.get(key)
         if kernel is None or jit_function.pre_run_hooks:
             kernel = jit_function.run(*args, grid=self.grid, warmup=False, **self.keywords)
-            if kernel is not None and not jit_function.pre_run_hooks:
+            if isinstance(kernel, CompiledKernel) and not jit_function.pre_run_hooks:
                 self._kernels[key] = kernel
             return
         kernel[self.grid](*args, *self.tail)

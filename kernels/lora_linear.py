@@ -1358,21 +1358,23 @@ def _describe(t: torch.Tensor | None) -> tuple | None:
 
 
 class _PlanCache:
-    """Launch plans by call signature, the oldest dropped beyond ``limit`` (varying sequence
-    lengths make a signature per M; each plan is a few small lists, and holds no tensor)."""
+    """Launch plans by call signature, the least recently used dropped beyond ``limit`` (varying
+    sequence lengths make a signature per M; each plan is a few small lists, and holds no
+    tensor)."""
 
     def __init__(self, limit: int = 1024) -> None:
         self.limit = limit
         self._plans: dict[tuple, object] = {}
 
     def get(self, key: tuple | None, build: Callable[[], object]) -> object:
-        plan = self._plans.get(key) if key is not None else None
+        if key is None:
+            return build()
+        plan = self._plans.pop(key, None)  # re-inserted below: the dict's order is the use order
         if plan is None:
             plan = build()
-            if key is not None:
-                if len(self._plans) >= self.limit:
-                    del self._plans[next(iter(self._plans))]
-                self._plans[key] = plan
+            if len(self._plans) >= self.limit:  # drop the least recently used (another thread may have)
+                self._plans.pop(next(iter(self._plans), None), None)
+        self._plans[key] = plan
         return plan
 
     def clear(self) -> None:
@@ -1402,8 +1404,6 @@ class _ForwardPlan:
         M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
         if path is None and M <= SMALL_M_MAX:
             path = "small_m"
-        if path not in ("small_m", *MAIN_GEMMS, None):
-            raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
         self.shape, self.path = (M, N, K, r), path
         self.device, self.dtype = x.device, x.dtype
         self.copy_x, self.copy_weight = stride_unsafe(x), stride_unsafe(weight)
@@ -1482,6 +1482,8 @@ def lora_forward(
     (:class:`_ForwardPlan`).
     """
     check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))
+    if path not in ("small_m", *MAIN_GEMMS, None):
+        raise ValueError(f"path must be 'small_m', 'triton' or 'cublas', got {path!r}")
     scaling, dropout_p = float(scaling), float(dropout_p)
     try:
         key = (_describe(x), _describe(weight), _describe(bias), _describe(lora_A), _describe(lora_B))
@@ -1619,8 +1621,6 @@ class _BackwardPlan:
         self, grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, needs_grad_x, needs_grad_lora, main_gemm, reduction
     ) -> None:
         _check_backward_inputs(grad_y, x, weight, lora_A, lora_B, u)
-        if main_gemm not in (*MAIN_GEMMS, None):
-            raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
         M, K = x.shape
         N, r = lora_B.shape
         self.shape, self.device, self.dtype = (M, N, K, r), x.device, x.dtype
@@ -1720,6 +1720,8 @@ def lora_backward(
     signature (:class:`_BackwardPlan`).
     """
     check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))
+    if main_gemm not in (*MAIN_GEMMS, None):
+        raise ValueError(f"main_gemm must be 'triton' or 'cublas', got {main_gemm!r}")
     scaling, dropout_p = float(scaling), float(dropout_p)
     reduction = choose_reduction(reduction) if needs_grad_lora else None
     try:

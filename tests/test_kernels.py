@@ -267,12 +267,22 @@ def test_a_cached_plan_asks_for_the_main_gemm_on_every_call(monkeypatch):
         assert_close(got, expected, F32)
 
 
-def test_the_plan_cache_drops_its_oldest_plan_beyond_its_limit():
+def test_the_plan_cache_drops_its_least_recently_used_plan_beyond_its_limit():
     cache = K.lora_linear._PlanCache(limit=2)
     built = []
-    for key in ["a", "b", "a", "c", "a", None, None]:  # None: a call that cannot be keyed, never kept
-        cache.get(key, lambda key=key: built.append(key) or f"plan {key}")
-    assert built == ["a", "b", "c", "a", None, None]
+    for key in ["a", "b", "a", "c", "a", "b", None, None]:  # None: a call that cannot be keyed, never kept
+        assert cache.get(key, lambda key=key: built.append(key) or f"plan {key}") == f"plan {key}"
+    assert built == ["a", "b", "c", "b", None, None]  # "c" dropped "b" (used before "a"), "b" then "c"
+
+
+@pytest.mark.interpreter
+def test_an_unhashable_path_or_main_gemm_is_a_value_error():
+    x, w, b, a, bb, dy = make_inputs(7, 40, 24, 8, F32, True)
+    with pytest.raises(ValueError, match="path must be"):
+        lora_forward(x, w, b, a, bb, 2.0, 0.1, 7, path=["triton"])
+    u = lora_forward(x, w, b, a, bb, 2.0, 0.1, 7)[1]
+    with pytest.raises(ValueError, match="main_gemm must be"):
+        lora_backward(dy, x, w, a, bb, u, 2.0, 0.1, 7, main_gemm=["cublas"])
 
 
 @pytest.mark.interpreter
