@@ -415,7 +415,33 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
         return ["no launch reached the driver"]
     problems = [f"{len(off)} launches with compiled launches off, {len(on)} on"] if len(off) != len(on) else []
     problems += [f"launch {i}: off {a}\n  on {b}" for i, (a, b) in enumerate(zip(off, on, strict=False)) if a != b]
-    return problems
+    return problems + _check_debug_setting(features, rank)
+
+
+def _check_debug_setting(features: int, rank: int) -> list[str]:
+    """``TRITON_DEBUG``'s setting turned on mid-process (a knob that enters every launch's
+    options): the compiled path must launch the debug kernel ``JITFunction.run`` launches."""
+    from lorafast.kernels import set_compiled_launches
+    from triton import knobs
+
+    decode = case_calls("decode", features, rank, torch.float32)["lorafast"]
+    kernel_names = {}
+    previous = knobs.runtime.debug
+    try:
+        for debug, compiled in [(False, True), (True, False), (True, True)]:
+            knobs.runtime.debug = debug
+            set_compiled_launches(compiled)
+            for _ in range(2):  # the second call takes the compiled path, where it is on
+                with recorded_launches() as launches:
+                    decode()
+            kernel_names[debug, compiled] = launches[0][0]
+    finally:
+        knobs.runtime.debug = previous
+    if kernel_names[True, False] == kernel_names[False, True]:
+        return ["TRITON_DEBUG on: JITFunction.run launched the same kernel as with it off"]
+    if kernel_names[True, True] != kernel_names[True, False]:
+        return [f"TRITON_DEBUG on: compiled launches ran {kernel_names[True, True]}, run {kernel_names[True, False]}"]
+    return []
 
 
 def _call_inputs(call: Callable) -> dict[str, torch.Tensor]:
