@@ -81,5 +81,5 @@ def test_gpu_check_fits_in_six_minutes():
     stages = [int(seconds) for seconds in re.findall(r'^stage "[^"]+" (\d+) ', text, re.MULTILINE)]
     tests = int(re.search(r"GPU_TESTS_TIMEOUT:-(\d+)", text).group(1))
     kill_after = int(re.search(r"^KILL_AFTER=(\d+)", text, re.MULTILINE).group(1))
-    assert len(stages) == 3, stages  # kernel bench, lorafast bench, train-step profile
+    assert len(stages) == 4, stages  # compiled launch check, kernel bench, lorafast bench, train-step profile
     assert tests + sum(stages) + kill_after * (1 + len(stages)) <= 345

@@ -3,7 +3,8 @@ kernels compiled for sm_90, so the compiled-launch path (kernels/_common.py ``Co
 which the interpreter never takes) runs here; the check asserts that it hands the driver the same
 kernels, grids and arguments as ``JITFunction.run`` does, for decode and both training paths.
 A subprocess because conftest.py sets ``TRITON_INTERPRET=1`` and kernels are compiled or
-interpreted by what was set when they were imported.
+interpreted by what was set when they were imported. On a GPU, bench/compiled_launch_check.py
+compares the two launch paths' results (bench/gpu_check.sh runs it first).
 """
 
 import json
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "host_overhead.py"
@@ -48,3 +50,13 @@ def test_the_timing_report(tmp_path):
         assert all(timing["min_us"] > 0 for timing in host.values())
         # small-M; F1, F2 seed, B1, B2 seed; that in each of the 2 x 7 projections
         assert host["lorafast"]["triton_launches"] == launches
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check runs (bench/gpu_check.sh)")
+def test_the_gpu_compiled_launch_check_says_it_needs_cuda():
+    """Without CUDA, bench/compiled_launch_check.py imports, says so and exits 2, which
+    bench/gpu_check.sh does not take for a failed check (1: compiled launches turned off)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = REPO / "bench" / "compiled_launch_check.py"
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stdout + proc.stderr
