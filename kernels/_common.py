@@ -378,13 +378,14 @@ class CompiledLaunches:
     def __init__(self, jit_function, keywords: dict, grid: tuple, tail: tuple) -> None:
         self.jit_function = jit_function
         self.keywords, self.grid, self.tail = keywords, grid, tail
-        self._kernels: dict[tuple, object] = {}  # (device, per-call specialization) -> CompiledKernel
+        self._kernels: dict[tuple, CompiledKernel] = {}  # (device, settings, per-call specialization) -> kernel
 
     @classmethod
     def of(cls, jit_function, positional: int, keywords: dict, grid: tuple) -> CompiledLaunches | None:
         """For ``jit_function`` called with ``positional`` arguments and ``keywords``; None where
-        launches must go through ``run``: the interpreter, a ``run`` replaced by a tool (bench/compile_check.py records launches so), or a parameter that is neither
-        positional nor among the keywords (its default would be Triton's to fill in)."""
+        launches must go through ``run``: the interpreter, a ``run`` replaced by a tool
+        (bench/compile_check.py records launches so), or a parameter that is neither positional
+        nor among the keywords (its default would be Triton's to fill in)."""
         from triton.runtime.jit import JITFunction
 
         if not isinstance(jit_function, JITFunction) or "run" in vars(jit_function):

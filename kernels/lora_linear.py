@@ -1413,7 +1413,8 @@ class _ForwardPlan:
         sc = LoraScalars(scaling, dropout_p, needs_split(x.dtype, lora_A, lora_B))
         if path == "small_m":
             self.small_m = _bind_fwd_small_m(x, weight, lora_A, lora_B, sc, has_bias=self.has_bias)
-            self.small_m_scratch = (cdiv(M, self.small_m.meta["BLOCK_M"]) * cdiv(N, MIN_DOT), SMALL_M_MAX_SPLIT * M * (N + r))
+            words = cdiv(M, self.small_m.meta["BLOCK_M"]) * cdiv(N, MIN_DOT)  # BLOCK_N >= MIN_DOT
+            self.small_m_scratch = (words, SMALL_M_MAX_SPLIT * M * (N + r))  # _split_scratch's sizes
             return
         self.down = _bind_down(x, lora_A, sc)
         self.main = {
@@ -1476,10 +1477,9 @@ def lora_forward(
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
     "triton" (F1 + F2) or "cublas" (F1, F2 writing the seed ``u Bᵀ + bias``, cuBLAS accumulating
-    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main
-    GEMM measured faster for this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of
-    y, so timing repeats it). Checks and launch arguments are worked out once per call signature
-    (:class:`_ForwardPlan`).
+    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main GEMM measured faster for
+    this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of y, so timing repeats it).
+    Checks and launch arguments are worked out once per call signature (:class:`_ForwardPlan`).
     """
     check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))
     if path not in ("small_m", *MAIN_GEMMS, None):
@@ -1492,7 +1492,6 @@ def lora_forward(
         key = None
     plan = _FORWARD_PLANS.get(key, lambda: _ForwardPlan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, path))
     return plan.run(x, weight, bias, lora_A, lora_B, seed)
-
 
 
 def _bind_dy(grad_y, lora_B, u, sc: LoraScalars, *, compute_db: bool, da_elements: int) -> BoundLaunch:
