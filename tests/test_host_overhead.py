@@ -60,3 +60,24 @@ def test_the_gpu_compiled_launch_check_says_it_needs_cuda():
     script = REPO / "bench" / "compiled_launch_check.py"
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.interpreter
+def test_the_gpu_compiled_launch_check_cases_run_and_compare(monkeypatch):
+    """bench/compiled_launch_check.py's cases, small, through the interpreter (which launches
+    through JITFunction.run alike both times): they run, give the outputs the check compares,
+    and ``differences`` finds none between two runs and the one changed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels here are compiled ones: the check itself runs on a GPU")
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import compiled_launch_check as check
+
+    from lorafast import kernels
+
+    first = check.run_cases(kernels, "cpu", features=40, tokens=70)
+    second = check.run_cases(kernels, "cpu", features=40, tokens=70)
+    assert [tuple(t.shape) for t in first] == [(1, 40), (1, 16), (70, 40), (70, 16), (70, 40), (16, 40), (40, 16)]
+    assert check.differences(second, first) == []
+    second[2] = second[2].clone()
+    second[2][0, 0] = -second[2][0, 0] - 1  # a bf16 y element: made unlike itself at any size
+    assert check.differences(second, first) == [2]
