@@ -388,7 +388,14 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
             "peft": None,
         },
-        "config": {"dtype": str(dtype), "r": r, "lora_alpha": 32, "dropout": p, "lora_param_dtype": "float32"},
+        "config": {
+            "dtype": str(dtype),
+            "r": r,
+            "lora_alpha": 32,
+            "dropout": p,
+            "lora_param_dtype": "float32",
+            "compiled_launches": kernels.compiled_launches_enabled(),  # off: gpu_check's launch check failed
+        },
         "train": [],
         "decode": [],
         "skipped_shapes": [],

@@ -157,6 +157,16 @@ def profile_provider(provider, base_model, case: TrainStepCase, input_ids, devic
     return result
 
 
+def compiled_launches() -> bool | None:
+    """Whether lorafast's Triton launches went to the compiled kernels (off where gpu_check.sh's
+    compiled-launch check failed); None without Triton."""
+    try:
+        from lorafast import kernels
+    except ImportError:
+        return None
+    return kernels.compiled_launches_enabled()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -180,6 +190,7 @@ def main(argv=None) -> int:
     results = {
         "environment": benchmark.environment(device),
         "case": case.label,
+        "compiled_launches": compiled_launches(),
         "providers": {},
     }
     json_path = None if args.json is None else benchmark.check_output_path(args.json, (".json",))

@@ -12,7 +12,8 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
                   (the frozen GEMM's path: measured per shape on first use, see main_gemm)
     autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
-    set_compiled_launches(enabled) -> previous   (compiled-kernel launches on / off, below)
+    set_compiled_launches(enabled) -> previous, compiled_launches_enabled() -> bool
+                  (compiled-kernel launches on / off, below)
 
 ``lora_forward`` and ``lora_backward`` check their inputs and bind their kernel launches once per
 call signature (shapes, strides, dtypes, devices, scalars); later calls with that signature
@@ -44,7 +45,13 @@ if __name__ == "kernels":
     sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["kernels"])
 else:
-    from ._common import MAX_RANK, SMALL_M_MAX, resolved_dropout_p, set_compiled_launches
+    from ._common import (
+        MAX_RANK,
+        SMALL_M_MAX,
+        compiled_launches_enabled,
+        resolved_dropout_p,
+        set_compiled_launches,
+    )
     from .lora_linear import (
         autotune_choices,
         choose_reduction,
@@ -61,6 +68,7 @@ else:
         "autotune_choices",
         "choose_main_gemm",
         "choose_reduction",
+        "compiled_launches_enabled",
         "dropout_keep_mask",
         "lora_backward",
         "lora_forward",

@@ -39,6 +39,11 @@ def interpreting() -> bool:
 _compiled_launches = os.environ.get("LORAFAST_COMPILED_LAUNCH", "1").strip() != "0"
 
 
+def compiled_launches_enabled() -> bool:
+    """Whether resolved launches go to the compiled kernels (:func:`set_compiled_launches`)."""
+    return _compiled_launches
+
+
 def set_compiled_launches(enabled: bool) -> bool:
     """Whether resolved launches go to the compiled kernels (:class:`CompiledLaunches`) or every
     one through ``JITFunction.run``; returns the previous setting. On unless the process started

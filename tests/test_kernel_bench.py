@@ -36,6 +36,7 @@ def test_dry_run_writes_every_row(tmp_path):
     results = json.loads(out.read_text())
     assert len(results["train"]) == 2 and len(results["decode"]) == 2 and results["skipped_shapes"] == []
     assert set(results["not_measured"]) == {"*_graph_ms", "kernel_breakdown"}
+    assert results["config"]["compiled_launches"] is True  # on unless turned off (gpu_check's launch check)
     choices = results["autotune_choices"]  # the interpreter's one config per kernel, as chosen
     assert {"small-M forward", "F1 down", "B2 dX"} <= set(choices)
     assert all(choice["config"]["SPLIT_K"] == 1 for choice in choices["small-M forward"])
