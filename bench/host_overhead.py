@@ -289,16 +289,22 @@ def step_calls(rank: int) -> dict[str, Callable]:
     }
 
 
-def case_calls(case: str, features: int, rank: int, dtype: torch.dtype) -> dict[str, Callable]:
-    """One call of the case per provider (base, peft, lorafast) on the same weights and input."""
+def case_calls(
+    case: str, features: int, rank: int, dtype: torch.dtype
+) -> tuple[dict[str, Callable], dict[str, torch.Tensor]]:
+    """One call of the case per provider (base, peft, lorafast) on the same weights and input, and
+    the tensors lorafast's call passes its kernels by name (x, grad_y, its layer's weights)."""
     tokens, dropout = CASES[case]
     layers = build_layers(features, rank, dropout, dtype)
     x = torch.randn(tokens, features, dtype=dtype, requires_grad=case != "decode")
     grad_y = torch.randn(tokens, features, dtype=dtype)
-    return {
+    calls = {
         name: decode_call(layer, x) if case == "decode" else training_call(layer, x, grad_y)
         for name, layer in layers.items()
     }
+    lorafast_layer = layers["lorafast"]
+    inputs = {"x": x, "grad_y": grad_y, **dict(lorafast_layer.named_parameters()), "W": lorafast_layer.base_weight}
+    return calls, inputs
 
 
 def measure(rounds: int, calls: int, features: int = 64, rank: int = 16) -> dict:
@@ -315,7 +321,7 @@ def measure(rounds: int, calls: int, features: int = 64, rank: int = 16) -> dict
         "cases": {},
     }
     for case, (tokens, dropout) in CASES.items():
-        calls_by_name = case_calls(case, features, rank, dtype)
+        calls_by_name = case_calls(case, features, rank, dtype)[0]
         with jit_runs() as runs:
             calls_by_name["lorafast"]()  # compiles the kernels the first time
         jit_function, args, kwargs = runs[-1]
@@ -392,9 +398,9 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
             for launcher in lora_linear._LAUNCHERS.values():
                 launcher.forget()  # bound launches resolve again, under this setting
             torch.manual_seed(0)
-            calls = case_calls(case, features, rank, torch.float32)
+            calls, named_inputs = case_calls(case, features, rank, torch.float32)
             layer_call = calls["lorafast"]
-            inputs = {id(t): name for name, t in _call_inputs(layer_call).items()}
+            inputs = {id(t): name for name, t in named_inputs.items()}
             for call in range(3):
                 with recorded_launches() as launches, jit_runs() as runs:
                     layer_call()
@@ -424,7 +430,7 @@ def _check_debug_setting(features: int, rank: int) -> list[str]:
     from lorafast.kernels import set_compiled_launches
     from triton import knobs
 
-    decode = case_calls("decode", features, rank, torch.float32)["lorafast"]
+    decode = case_calls("decode", features, rank, torch.float32)[0]["lorafast"]
     kernel_names = {}
     previous = knobs.runtime.debug
     try:
@@ -442,16 +448,6 @@ def _check_debug_setting(features: int, rank: int) -> list[str]:
     if kernel_names[True, True] != kernel_names[True, False]:
         return [f"TRITON_DEBUG on: compiled launches ran {kernel_names[True, True]}, run {kernel_names[True, False]}"]
     return []
-
-
-def _call_inputs(call: Callable) -> dict[str, torch.Tensor]:
-    """The tensors a ``decode_call`` / ``training_call`` closure holds (its layer's and inputs)."""
-    cells = dict(zip(call.__code__.co_freevars, (cell.cell_contents for cell in call.__closure__), strict=True))
-    layer = cells["layer"]
-    tensors = {name: t for name, t in cells.items() if isinstance(t, torch.Tensor)}
-    tensors.update({name: p for name, p in layer.named_parameters()})
-    tensors["base_weight"] = layer.base_weight
-    return tensors
 
 
 def format_report(report: dict) -> str:

@@ -176,7 +176,7 @@ def on_first_argument_device(launcher: Callable) -> Callable:
 class TunedLauncher:
     """Launch a ``triton.autotune``'d kernel, paying the autotuner's per-call Python once per key.
 
-    ``kernel_launcher[grid](*args, **meta)`` behaves like ``autotuned_kernel[grid](...)``. The first
+    ``launcher.launch(grid, args, meta)`` behaves like ``autotuned_kernel[grid](*args, **meta)``. The first
     call with a given autotune key goes through the autotuner (which prunes and, if configs are
     left, benchmarks them); later calls with that key launch the JIT function directly with the
     config the autotuner chose for it. Why: ``Autotuner.run`` rebuilds a dict of every argument and
@@ -206,9 +206,6 @@ class TunedLauncher:
         self._layouts: dict[tuple, tuple[tuple, tuple]] = {}  # call layout -> (key sources, tensor positions)
         self._configs: dict[tuple, dict] = {}  # memo key -> the chosen config's launch kwargs
         self.generation = 0  # bumped by forget(): a BoundLaunch resolved before then resolves again
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: self._launch(grid, args, meta)
 
     def bind(self, grid: Callable[[dict], tuple], args: list, meta: dict) -> BoundLaunch:
         """A :class:`BoundLaunch` of this kernel: ``args`` with ``None`` where each call puts its
@@ -267,7 +264,7 @@ class TunedLauncher:
         device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
         return configs[0].all_kwargs() if capturing(device) else None
 
-    def _launch(self, grid, args: tuple, meta: dict):
+    def launch(self, grid, args: tuple, meta: dict):
         key = self._key(args, meta)
         config = self._configs.get(key)
         if config is None:
@@ -325,7 +322,7 @@ class BoundLaunch:
                 self.launcher.autotuner.fn[grid](*args, **keywords)
             return
         args = tuple(args)
-        self.launcher._launch(self.grid, args, self.meta)
+        self.launcher.launch(self.grid, args, self.meta)
         config = self.launcher.memoized(args, self.meta)
         if config is not None:
             keywords = {**self.meta, **config}

@@ -63,7 +63,7 @@ class FakeAutotuner:
 
 def _call(launcher, M, dtype=torch.float32, flag=True, grid=(1,)):
     x, y = torch.empty(2, dtype=dtype), torch.empty(2, dtype=torch.float32)
-    launcher[grid](x, y, M, 8, 1 << (M - 1).bit_length(), FLAG=flag)
+    launcher.launch(grid, (x, y, M, 8, 1 << (M - 1).bit_length()), {"FLAG": flag})
 
 
 def test_memoized_launches_get_the_autotuners_config_for_their_key():
@@ -139,10 +139,10 @@ def test_an_argument_that_is_a_tensor_in_one_call_and_an_int_in_another():
     fake = FakeAutotuner()
     launcher = TunedLauncher(fake)
     x = torch.empty(2)
-    launcher[(1,)](x, 7, 100, 8, 128, FLAG=True)  # y_ptr slot an int
-    launcher[(1,)](x, torch.empty(1, dtype=torch.int64), 100, 8, 128, FLAG=True)  # a tensor there
-    launcher[(1,)](x, 9, 100, 8, 128, FLAG=True)
-    launcher[(1,)](x, torch.empty(1, dtype=torch.int64), 100, 8, 128, FLAG=True)
+    launcher.launch((1,), (x, 7, 100, 8, 128), {"FLAG": True})  # y_ptr slot an int
+    launcher.launch((1,), (x, torch.empty(1, dtype=torch.int64), 100, 8, 128), {"FLAG": True})  # a tensor there
+    launcher.launch((1,), (x, 9, 100, 8, 128), {"FLAG": True})
+    launcher.launch((1,), (x, torch.empty(1, dtype=torch.int64), 100, 8, 128), {"FLAG": True})
     assert len(fake.tuned) == 2 and len(fake.direct) == 2
     assert fake.direct[0][1][1] == 9 and isinstance(fake.direct[1][1][1], torch.Tensor)
 
