@@ -58,6 +58,26 @@ def autotune_enabled() -> bool:
     return os.environ.get("LORAFAST_AUTOTUNE", "1").strip() != "0"
 
 
+#: How long one autotuning measurement warms up and repeats, in ms of GPU time, for the configs'
+#: autotuning (:func:`autotune_timer`) and the main-GEMM choice (``main_gemm.time_ms``).
+TIMING_WARMUP_MS, TIMING_REP_MS = 5, 20
+
+
+def autotune_timer(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
+    """The autotuners' ``do_bench``: ``triton.testing.do_bench`` with :data:`TIMING_WARMUP_MS` of
+    warm-up and :data:`TIMING_REP_MS` of repeats, the L2 flushed before each call as always.
+
+    Why not Triton's default (25 + 100 ms per config): autotuning pays it for every config that
+    survives the prune, for every key (M bucket, N, K, flags), and all of it is paid on first
+    use (a training run's first steps; the GPU check's stages, each a fresh process with a time
+    limit): six configs for each of four kernels at a new shape were ~3 s of timing alone, now
+    ~0.6 s. 20 ms still repeats the slowest of the kernels' tuned launches (~2 ms, B2 at M =
+    8192, K = N = 8192) ten times and a decode launch (~20 µs) about a thousand."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=TIMING_WARMUP_MS, rep=TIMING_REP_MS, quantiles=quantiles)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for host code (grids). Not ``triton.cdiv``: triton 3.9 makes that a
     ``ConstexprFunction`` whose host call costs ~9 µs (five per training step: ~45 µs of Python

@@ -98,6 +98,7 @@ from ._common import (
     TunedLauncher,
     arch_family,
     autotune_enabled,
+    autotune_timer,
     cdiv,
     check_2d,
     check_float,
@@ -397,6 +398,7 @@ _SMALL_M_TUNING = Tuning(
     configs=_DOWN_TUNING.all_configs(),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_DOWN_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_down_kernel(
@@ -457,6 +459,7 @@ def _lora_down_kernel(
     configs=_FORWARD_TUNING.all_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
     prune_configs_by=_FORWARD_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
 )
 @triton.jit
 def _lora_fwd_main_kernel(
@@ -534,6 +537,7 @@ def _lora_fwd_main_kernel(
     configs=_SMALL_M_TUNING.all_configs(),
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
     prune_configs_by=_SMALL_M_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_fwd_small_m_kernel(
@@ -668,6 +672,7 @@ def _lora_fwd_small_m_kernel(
     configs=_DY_TUNING.all_configs(),
     key=["M_BUCKET", "N", "R_PAD", "COMPUTE_DB"],
     prune_configs_by=_DY_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
     reset_to_zero=["db_ptr"],
 )
 @triton.jit
@@ -765,6 +770,7 @@ def _lora_dy_kernel(
     configs=_BACKWARD_TUNING.all_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
     prune_configs_by=_BACKWARD_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
     reset_to_zero=["da_ptr"],
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
@@ -960,6 +966,7 @@ def _column_panel_product(
     configs=_ORDERED_GRADS_TUNING.all_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_ORDERED_GRADS_TUNING.prune_configs_by(),
+    do_bench=autotune_timer,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_ordered_grads_kernel(

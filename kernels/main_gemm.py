@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import autotune_enabled, capturing, m_bucket
+from ._common import TIMING_REP_MS, TIMING_WARMUP_MS, autotune_enabled, capturing, m_bucket
 
 MAIN_GEMMS = ("triton", "cublas")
 DIRECTIONS = ("forward", "backward")
@@ -53,7 +53,7 @@ def time_ms(fn: Callable[[], None]) -> float:
     """Median ms of ``fn`` (``triton.testing.do_bench``: warm-up, L2 flushed before each call)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=TIMING_WARMUP_MS, rep=TIMING_REP_MS, return_mode="median"))
 
 
 class MainGemmChooser:

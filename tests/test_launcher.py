@@ -224,3 +224,27 @@ def test_launch_device_makes_the_tensors_gpu_current_when_another_is(monkeypatch
     for current in (torch.device("cuda", 0), torch.device("cpu"), torch.device("meta")):
         context = launch_device(current)
         assert isinstance(context, contextlib.nullcontext), current
+
+
+def test_every_autotuned_kernel_times_its_configs_with_the_short_timer(monkeypatch):
+    """The autotuners time each config with ``autotune_timer`` (5 ms of warm-up, 20 of repeats),
+    not Triton's default ``do_bench`` (25 + 100 ms per config, paid for every config at every
+    new key on first use), and the main-GEMM choice with the same budget."""
+    import triton.testing
+    from lorafast.kernels import _common, lora_linear, main_gemm
+
+    for name, launcher in lora_linear._LAUNCHERS.items():
+        assert launcher.autotuner.do_bench is _common.autotune_timer, name
+    calls = []
+
+    def do_bench(fn, **options):
+        calls.append(options)
+        return [1.0, 0.9, 1.1] if "quantiles" in options else 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert _common.autotune_timer(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert main_gemm.time_ms(lambda: None) == 1.0
+    assert calls == [
+        {"warmup": 5, "rep": 20, "quantiles": (0.5, 0.2, 0.8)},
+        {"warmup": 5, "rep": 20, "return_mode": "median"},
+    ]
