@@ -28,7 +28,8 @@ step, LoRA on all 14 projections, AdamW), PEFT's against lorafast's: the model's
 on the CPU alike for both, so the difference is the LoRA layers' host time.
 
 ``--check-launches`` checks instead that the compiled launches hand the driver exactly what
-``JITFunction.run`` does (:func:`check_launches`; a CPU test runs it).
+``JITFunction.run`` does (:func:`check_launches`), ``--check-autotune-cache`` that an autotuning
+choice is read back from Triton's disk cache (:func:`check_autotune_cache`); CPU tests run both.
 
 Each figure is the median (and p20, minimum) over interleaved rounds (every provider once per
 round) of the mean over back-to-back calls (:func:`lorafast.benchmark.measure_host_time`), the
@@ -450,6 +451,55 @@ def _check_debug_setting(features: int, rank: int) -> list[str]:
     return []
 
 
+def check_autotune_cache(rows: int = 2048, rank: int = 16) -> list[str]:
+    """Triton's disk cache of autotuning results (``cache_results=True`` on lorafast's kernels):
+    F1's first autotune of a new key times every config its prune keeps and writes the timings;
+    with the in-memory choice forgotten (as in a new process), the same key is read back from
+    disk, nothing timed, and the same config launched. The timings are stand-ins (no GPU), each
+    config faster than the one before, so a choice that fell back to the default would show. K is
+    a random multiple of 16, a key no earlier run cached, on the kernels already compiled."""
+    import random
+
+    import triton.testing
+    from lorafast.kernels import lora_linear
+
+    install_stand_ins()
+    timed: list[int] = []
+
+    def stand_in_do_bench(kernel_call, warmup=None, rep=None, quantiles=None, **_):
+        kernel_call()
+        timed.append(1)
+        ms = 1.0 / len(timed)
+        return [ms, ms, ms] if quantiles else ms
+
+    previous_bench, previous_autotune = triton.testing.do_bench, os.environ.get("LORAFAST_AUTOTUNE")
+    triton.testing.do_bench, os.environ["LORAFAST_AUTOTUNE"] = stand_in_do_bench, "1"
+    try:
+        features = 16 * random.randrange(64, 4096)
+        x, lora_A = torch.randn(rows, features), torch.randn(rank, features)
+        chosen = []
+        for _ in range(2):
+            lora_linear._lora_down.forget()  # the autotuner's in-memory choices too
+            timed.clear()
+            bound = lora_linear._bind_down(x, lora_A, lora_linear.LoraScalars(2.0, 0.1, False))
+            bound(x, lora_A, torch.empty(rows, rank), *lora_linear.seed_arguments(7, x.device))
+            chosen.append((len(timed), bound.config))
+    finally:
+        triton.testing.do_bench = previous_bench
+        os.environ.pop("LORAFAST_AUTOTUNE") if previous_autotune is None else os.environ.update(
+            LORAFAST_AUTOTUNE=previous_autotune
+        )
+    (first_timed, first_config), (second_timed, second_config) = chosen
+    problems = []
+    if first_timed < 2:
+        problems.append(f"the first autotune timed {first_timed} configs (a new key with several kept)")
+    if second_timed:
+        problems.append(f"the second autotune of the key timed {second_timed} configs instead of reading the disk")
+    if second_config != first_config or first_config is None:
+        problems.append(f"the cached choice {second_config} is not the timed one {first_config}")
+    return problems
+
+
 def format_report(report: dict) -> str:
     lines = [f"host µs per call, {report['cpu']}; triton {report['versions']['triton']}, torch {report['versions']['torch']}"]
     for case, entry in report["cases"].items():
@@ -475,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of timing, check that compiled launches hand the driver what JITFunction.run does (exit 1 if not)",
     )
+    parser.add_argument(
+        "--check-autotune-cache",
+        action="store_true",
+        help="instead of timing, check that an autotuning choice is read back from Triton's disk cache (exit 1 if not)",
+    )
     args = parser.parse_args(argv)
     from compile_check import cuda_target_available  # bench/ is this script's folder
 
@@ -485,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_launches:
         problems = check_launches()
         print("\n".join(problems) if problems else "compiled launches: the same launches as JITFunction.run")
+        return 1 if problems else 0
+    if args.check_autotune_cache:
+        problems = check_autotune_cache()
+        print("\n".join(problems) if problems else "autotuning: a key's choice is read back from the disk cache")
         return 1 if problems else 0
     if args.rounds < 3 or args.calls < 1:
         parser.error("need --rounds >= 3 and --calls >= 1")

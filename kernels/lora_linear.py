@@ -399,6 +399,7 @@ _SMALL_M_TUNING = Tuning(
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_DOWN_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_down_kernel(
@@ -460,6 +461,7 @@ def _lora_down_kernel(
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "GEMM"],
     prune_configs_by=_FORWARD_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
 )
 @triton.jit
 def _lora_fwd_main_kernel(
@@ -538,6 +540,7 @@ def _lora_fwd_main_kernel(
     key=["BLOCK_M", "N", "K", "R_PAD", "HAS_BIAS", "HAS_DROPOUT"],
     prune_configs_by=_SMALL_M_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_fwd_small_m_kernel(
@@ -673,6 +676,7 @@ def _lora_fwd_small_m_kernel(
     key=["M_BUCKET", "N", "R_PAD", "COMPUTE_DB"],
     prune_configs_by=_DY_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
     reset_to_zero=["db_ptr"],
 )
 @triton.jit
@@ -771,6 +775,7 @@ def _lora_dy_kernel(
     key=["M_BUCKET", "N", "K", "R_PAD", "GEMM", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"],
     prune_configs_by=_BACKWARD_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
     reset_to_zero=["da_ptr"],
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
@@ -967,6 +972,7 @@ def _column_panel_product(
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by=_ORDERED_GRADS_TUNING.prune_configs_by(),
     do_bench=autotune_timer,
+    cache_results=True,
 )
 @triton.jit(do_not_specialize=["seed", "seed_ptr", "threshold"])
 def _lora_ordered_grads_kernel(

@@ -37,6 +37,14 @@ def test_compiled_launches_hand_the_driver_what_jit_run_does():
     assert "the same launches as JITFunction.run" in proc.stdout
 
 
+def test_an_autotuning_choice_is_read_back_from_triton_s_disk_cache():
+    """lorafast's kernels autotune with ``cache_results=True``: a new process (in-memory choices
+    forgotten) reads a key's choice back instead of timing every config again."""
+    proc = _run("--check-autotune-cache")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "read back from the disk cache" in proc.stdout
+
+
 def test_the_timing_report(tmp_path):
     out = tmp_path / "host.json"
     proc = _run("--rounds", "3", "--calls", "2", "--json", str(out))
