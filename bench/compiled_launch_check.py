@@ -38,7 +38,7 @@ def run_cases(kernels, device: str = "cuda", features: int = 256, tokens: int = 
 
     K = N = features
     weight, lora_A, lora_B = randn(N, K), randn(16, K, dtype=torch.float32), randn(N, 16, dtype=torch.float32)
-    outputs = [*kernels.lora_forward(randn(1, K), weight, None, lora_A, lora_B, 2.0, 0.0, 0)]
+    outputs = [*kernels.lora_forward(randn(1, K), weight, None, lora_A, lora_B, 2.0, 0.0, 0, path="small_m")]
     x, grad_y, bias = randn(tokens, K), randn(tokens, N), randn(N)
     y, u = kernels.lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, 1234, path="cublas")
     grads = kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, u, 2.0, 0.1, 1234, main_gemm="cublas")

@@ -5,7 +5,8 @@ and PEFT's LoRA Linear (bf16, r=16, dropout 0.1, fp32 LoRA params as PEFT keeps 
 Training (forward + backward; the base is ``x Wᵀ`` then ``dY W``):
     K = N ∈ {4096, 5120, 8192}, M ∈ {2048, 8192}
 Decode (no grad, dropout off): M ∈ {1, 4, 16}, K = N = 4096, fused unmerged vs merged base; the
-fused op by its default small-M kernel (``fused_unmerged``) and by F1 + F2 + cuBLAS
+fused op by its default path (``fused_unmerged``: the one its first call measured fastest,
+``path`` names it), by the small-M kernel (``fused_small_m_unmerged``) and by F1 + F2 + cuBLAS
 (``fused_cublas_unmerged``: the small-M kernel re-reads all of A in every program, the other
 path reads A once but launches three kernels).
 
@@ -283,7 +284,7 @@ def bench_train_shape(ctx, M, K, N) -> dict:
     row["layer_over_base"] = row["layer_ms"] / row["base_ms"]
     row["speedup_vs_naive"] = row["naive_ms"] / row["layer_ms"]
     row["main_gemm_chosen"] = {  # what the default launches ran: measured per shape when autotuning
-        "forward": "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype),
+        "forward": kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype),
         "backward": kernels.choose_main_gemm(M, K, N, ctx.dev, ctx.dtype, direction="backward"),
     }
     row["best_main_gemm"] = "triton" if row["fused_triton_ms"] <= row["fused_cublas_ms"] else "cublas"
@@ -319,21 +320,27 @@ def bench_decode_shape(ctx, M, K, N) -> dict:
         def fused_cublas():
             return fused("cublas")
 
+        def fused_small_m():
+            return fused("small_m")
+
         row["merged_ms"] = bench(merged_linear)
         row["fused_unmerged_ms"] = bench(fused)
+        row["fused_small_m_unmerged_ms"] = bench(fused_small_m)
         row["fused_cublas_unmerged_ms"] = bench(fused_cublas)
         row["naive_unmerged_ms"] = bench(lambda: reference.naive_lora_linear(x, w, None, a, b, scaling, 0.0, False))
         add_host_and_graph_times(ctx, row, "merged", merged_linear)
         add_host_and_graph_times(ctx, row, "fused_unmerged", fused)
         add_jit_host_time(ctx, row, "fused_unmerged", fused)
+        add_host_and_graph_times(ctx, row, "fused_small_m_unmerged", fused_small_m)
         add_host_and_graph_times(ctx, row, "fused_cublas_unmerged", fused_cublas)
         if (M, K, N) == ctx.profiled_decode_shape:
             add_kernel_breakdown(ctx, row, fused)
     row["fused_over_merged"] = row["fused_unmerged_ms"] / row["merged_ms"]
     row["fused_over_merged_graph"] = ratio(row, "fused_unmerged_graph_ms", "merged_graph_ms")
+    row["fused_small_m_over_merged_graph"] = ratio(row, "fused_small_m_unmerged_graph_ms", "merged_graph_ms")
     row["fused_cublas_over_merged_graph"] = ratio(row, "fused_cublas_unmerged_graph_ms", "merged_graph_ms")
     row["naive_over_merged"] = row["naive_unmerged_ms"] / row["merged_ms"]
-    row["path"] = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype)
+    row["path"] = kernels.choose_main_gemm(M, N, K, ctx.dev, ctx.dtype)
     return row
 
 

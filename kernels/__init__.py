@@ -8,8 +8,9 @@ Public API (all tensors 2D; see :mod:`lorafast.kernels.lora_linear` for the math
                   -> (grad_x, grad_A, grad_B)
     dropout_keep_mask(seed, M, K, dropout_p, device) -> bool [M, K]
     lora_merge_(weight, lora_A, lora_B, scaling, sign=1.0) -> None
-    choose_main_gemm(M, N, K, device, dtype, direction="forward") -> "triton" | "cublas"
-                  (the frozen GEMM's path: measured per shape on first use, see main_gemm)
+    choose_main_gemm(M, N, K, device, dtype, direction="forward") -> "triton" | "cublas" | "small_m"
+                  (the frozen GEMM's path, or for a forward of M <= 64 the small-M kernel:
+                  measured per shape on first use, see main_gemm)
     autotune_choices() -> {kernel: [{"key": [...], "config": {...}}]}   (what autotuning picked)
     choose_reduction(reduction=None) -> "atomic" | "ordered"   (how dA, dB are summed over M)
     set_compiled_launches(enabled) -> previous, compiled_launches_enabled() -> bool

@@ -1402,7 +1402,8 @@ class _ForwardPlan:
     """:func:`lora_forward` for one call signature (shapes, strides, dtypes and devices of the
     tensors, scaling, dropout p, path): the inputs checked and the launches bound once
     (:class:`~lorafast.kernels._common.BoundLaunch`); :meth:`run` allocates y and u and launches.
-    The main-GEMM choice is asked per call (it may be forced, measured later or not at all).
+    The path (the small-M kernel, where M <= SMALL_M_MAX, or F1 and a main GEMM) is asked per call
+    (it may be forced, measured later or not at all).
 
     The cuBLAS main GEMM: F2 without its GEMM writes the seed ``y = u Bᵀ + bias`` (its split dots
     keep the fp32 LoRA term accurate), then cuBLAS accumulates onto it, ``y += x Wᵀ`` (``addmm_``,
@@ -1415,8 +1416,6 @@ class _ForwardPlan:
 
     def __init__(self, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, path: str | None) -> None:
         M, N, K, r = _check_forward_inputs(x, weight, bias, lora_A, lora_B)
-        if path is None and M <= SMALL_M_MAX:
-            path = "small_m"
         self.shape, self.path = (M, N, K, r), path
         self.device, self.dtype = x.device, x.dtype
         self.copy_x, self.copy_weight = stride_unsafe(x), stride_unsafe(weight)
@@ -1424,17 +1423,19 @@ class _ForwardPlan:
         self.has_bias = bias is not None
         x, weight = stride_safe(x), stride_safe(weight)
         sc = LoraScalars(scaling, dropout_p, needs_split(x.dtype, lora_A, lora_B))
-        if path == "small_m":
+        self.chooser_key = MAIN_GEMM_CHOOSER.key("forward", M, N, K, x.device, x.dtype)
+        paths = (path,) if path is not None else MAIN_GEMM_CHOOSER.paths(self.chooser_key)
+        if "small_m" in paths:
             self.small_m = _bind_fwd_small_m(x, weight, lora_A, lora_B, sc, has_bias=self.has_bias)
             words = cdiv(M, self.small_m.meta["BLOCK_M"]) * cdiv(N, MIN_DOT)  # BLOCK_N >= MIN_DOT
             self.small_m_scratch = (words, SMALL_M_MAX_SPLIT * M * (N + r))  # _split_scratch's sizes
-            return
-        self.down = _bind_down(x, lora_A, sc)
-        self.main = {
-            gemm: _bind_fwd_main(x, weight, lora_B, sc, has_bias=self.has_bias, gemm=gemm == "triton")
-            for gemm in MAIN_GEMMS
-        }
-        self.chooser_key = MAIN_GEMM_CHOOSER.key("forward", M, N, K, x.device, x.dtype)
+        gemms = [gemm for gemm in MAIN_GEMMS if gemm in paths]
+        if gemms:
+            self.down = _bind_down(x, lora_A, sc)
+            self.main = {
+                gemm: _bind_fwd_main(x, weight, lora_B, sc, has_bias=self.has_bias, gemm=gemm == "triton")
+                for gemm in gemms
+            }
 
     def run(self, x, weight, bias, lora_A, lora_B, seed) -> tuple[torch.Tensor, torch.Tensor]:
         M, N, K, r = self.shape
@@ -1450,23 +1451,22 @@ class _ForwardPlan:
         if self.copy_bias:
             bias = bias.contiguous()
         bias_or_x = bias if self.has_bias else x
-        if self.path == "small_m":
-            config = self.small_m.config  # the split-K scratch only for a launch that may split
-            if config is None or config["SPLIT_K"] > 1:
-                arrivals, partials = _split_scratch(self.device, *self.small_m_scratch)
-            else:
-                arrivals, partials = _no_scratch(self.device)
-            self.small_m(x, weight, bias_or_x, lora_A, lora_B, y, u, partials, arrivals, seed_word, seed_ptr)
-            return y, u
-        self.down(x, lora_A, u, seed_word, seed_ptr)
 
-        def main(gemm: str) -> None:  # F2, or F2's seed then cuBLAS
-            self.main[gemm](x, weight, bias_or_x, u, lora_B, y)
-            if gemm == "cublas":
+        def launch(path: str) -> None:  # each path writes all of y and u: repeatable for timing
+            if path == "small_m":
+                config = self.small_m.config  # the split-K scratch only for a launch that may split
+                if config is None or config["SPLIT_K"] > 1:
+                    arrivals, partials = _split_scratch(self.device, *self.small_m_scratch)
+                else:
+                    arrivals, partials = _no_scratch(self.device)
+                self.small_m(x, weight, bias_or_x, lora_A, lora_B, y, u, partials, arrivals, seed_word, seed_ptr)
+                return
+            self.down(x, lora_A, u, seed_word, seed_ptr)
+            self.main[path](x, weight, bias_or_x, u, lora_B, y)  # F2, or F2's seed then cuBLAS
+            if path == "cublas":
                 y.addmm_(x, weight.t())
 
-        path = self.path or MAIN_GEMM_CHOOSER.choose(self.chooser_key, self.device, lambda: main)
-        main(path)
+        launch(self.path or MAIN_GEMM_CHOOSER.choose(self.chooser_key, self.device, lambda: launch))
         return y, u
 
 
@@ -1490,8 +1490,10 @@ def lora_forward(
 
     ``path`` (keyword-only, for tests and benchmarks) forces "small_m" (one fused kernel),
     "triton" (F1 + F2) or "cublas" (F1, F2 writing the seed ``u Bᵀ + bias``, cuBLAS accumulating
-    ``x Wᵀ`` onto it). Default: "small_m" when M <= 64, else the main GEMM measured faster for
-    this shape (:mod:`~lorafast.kernels.main_gemm`; F2 rewrites all of y, so timing repeats it).
+    ``x Wᵀ`` onto it). Default: the path measured fastest for this shape among the two main
+    GEMMs and, when M <= 64, the small-M kernel; unmeasured, "small_m" when M <= 64, else the
+    main GEMM's default (:mod:`~lorafast.kernels.main_gemm`; every path rewrites all of y and u,
+    so timing repeats them).
     Checks and launch arguments are worked out once per call signature (:class:`_ForwardPlan`).
     """
     check_scalars(scaling, dropout_p, seed, getattr(x, "device", None))

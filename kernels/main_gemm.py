@@ -14,9 +14,17 @@ measured on only, so the choice is measured where it runs: the first launch of e
 (direction, device, dtype, M bucket, N, K) times both variants with ``triton.testing.do_bench``
 (~50 ms, once, like the configs' autotuning) and keeps the faster; later launches look it up.
 
-Not measured (the default is used, cuBLAS on CUDA and the Triton GEMM on the interpreter, and
-nothing is memoized): with ``LORAFAST_AUTOTUNE=0``, while a CUDA graph is being captured (timing
-synchronizes), and off CUDA. ``LORAFAST_MAIN_GEMM=triton|cublas`` forces one path everywhere.
+A forward of at most ``SMALL_M_MAX`` rows (decode, small batches) has a third way, the small-M
+kernel (frozen product and LoRA term in one launch, every program re-reading all of A), and is
+measured among the three: on the first H200 run the small-M kernel took 0.095 ms at M = 16
+(5x the merged layer's cuBLAS GEMM) where one cuBLAS GEMM and two small LoRA launches would read
+W once like it; which wins depends on M and the GPU, so it is measured too.
+
+Not measured (the default is used, the small-M kernel for those forwards, else cuBLAS on CUDA
+and the Triton GEMM on the interpreter, and nothing is memoized): with ``LORAFAST_AUTOTUNE=0``,
+while a CUDA graph is being captured (timing synchronizes), and off CUDA.
+``LORAFAST_MAIN_GEMM=triton|cublas`` forces one main GEMM everywhere (and the small-M kernel
+where a forward may take it).
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import TIMING_REP_MS, TIMING_WARMUP_MS, autotune_enabled, capturing, m_bucket
+from ._common import SMALL_M_MAX, TIMING_REP_MS, TIMING_WARMUP_MS, autotune_enabled, capturing, m_bucket
 
 MAIN_GEMMS = ("triton", "cublas")
+#: The paths of a forward of at most SMALL_M_MAX rows, the small-M kernel (its default) first.
+SMALL_M_PATHS = ("small_m", *MAIN_GEMMS)
 DIRECTIONS = ("forward", "backward")
 
 
@@ -72,26 +82,40 @@ class MainGemmChooser:
             device = torch.device("cuda", torch.cuda.current_device())
         return (direction, str(device), dtype, m_bucket(M), int(N), int(K))
 
+    @staticmethod
+    def paths(key: tuple) -> tuple[str, ...]:
+        """The candidates for ``key``: :data:`SMALL_M_PATHS` for a forward of at most
+        ``SMALL_M_MAX`` rows (its M bucket, the next power of two, is then at most that too),
+        else :data:`MAIN_GEMMS`."""
+        direction, _, _, bucket, _, _ = key
+        return SMALL_M_PATHS if direction == "forward" and bucket <= SMALL_M_MAX else MAIN_GEMMS
+
     def known(self, key: tuple) -> str | None:
+        """The path forced by ``LORAFAST_MAIN_GEMM`` (the small-M kernel where ``key`` may take
+        it), else the one measured for ``key``, else None."""
+        forced = forced_main_gemm()
+        if forced is not None:
+            return self.paths(key)[0] if self.paths(key) is SMALL_M_PATHS else forced
         found = self._chosen.get(key)
         return None if found is None else found["main_gemm"]
+
+    def default(self, key: tuple, device: torch.device) -> str:
+        """The path while ``key`` is neither forced nor measured."""
+        return "small_m" if self.paths(key) is SMALL_M_PATHS else default_main_gemm(device)
 
     def choose(self, key: tuple, device: torch.device, prepare: Callable[[], Callable[[str], None]]) -> str:
         """The path for ``key``: forced, else measured, else the default. Measuring (a key's first
         launch, where :func:`can_measure`) calls ``prepare()`` once for ``run`` and times
-        ``run(path)`` for each path; ``run`` must be safe to repeat (``prepare`` points outputs
-        that accumulate at scratch)."""
-        forced = forced_main_gemm()
-        if forced is not None:
-            return forced
+        ``run(path)`` for each of :meth:`paths`; ``run`` must be safe to repeat (``prepare`` points
+        outputs that accumulate at scratch)."""
         found = self.known(key)
         if found is not None:
             return found
         if not can_measure(device):
-            return default_main_gemm(device)
-        run = prepare()
-        times = {path: time_ms(functools.partial(run, path)) for path in MAIN_GEMMS}
-        choice = min(MAIN_GEMMS, key=times.__getitem__)
+            return self.default(key, device)
+        run, paths = prepare(), self.paths(key)
+        times = {path: time_ms(functools.partial(run, path)) for path in paths}
+        choice = min(paths, key=times.__getitem__)
         self._chosen[key] = {"main_gemm": choice, **{f"{path}_ms": ms for path, ms in times.items()}}
         return choice
 
@@ -109,15 +133,13 @@ MAIN_GEMM_CHOOSER = MainGemmChooser()
 
 
 def choose_main_gemm(M: int, N: int, K: int, device, dtype: torch.dtype, direction: str = "forward") -> str:
-    """The path a launch of this shape takes or took: "triton" or "cublas" (module docstring).
+    """The path a launch of this shape takes or took: "triton" or "cublas", or for a forward of
+    at most ``SMALL_M_MAX`` rows also "small_m" (module docstring).
 
     ``LORAFAST_MAIN_GEMM`` if set, else the choice measured for the key, else the default. This
     only looks up: the measuring happens in the launch. The backward asks with (M, K, N): its
-    output is [M, K] and it reduces over N. M <= ``SMALL_M_MAX`` forward uses the small-M kernel.
+    output is [M, K] and it reduces over N.
     """
     key = MainGemmChooser.key(direction, M, N, K, device, dtype)
-    forced = forced_main_gemm()
-    if forced is not None:
-        return forced
     found = MAIN_GEMM_CHOOSER.known(key)
-    return found if found is not None else default_main_gemm(torch.device(device))
+    return found if found is not None else MAIN_GEMM_CHOOSER.default(key, torch.device(device))

@@ -466,8 +466,7 @@ class LorafastProvider(Provider):
                 return None
             from lorafast import kernels
         M, K, N = case.tokens, case.in_features, case.out_features
-        forward = "small_m" if M <= kernels.SMALL_M_MAX else kernels.choose_main_gemm(M, N, K, device, dtype)
-        path = f"fwd {forward}"
+        path = f"fwd {kernels.choose_main_gemm(M, N, K, device, dtype)}"
         if mode in TRAINING_MODES:
             backward = kernels.choose_main_gemm(M, K, N, device, dtype, direction="backward")
             path += f", bwd {backward}, dA/dB {kernels.choose_reduction()}"

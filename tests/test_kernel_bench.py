@@ -61,6 +61,8 @@ def test_dry_run_writes_every_row(tmp_path):
         assert row["base_graph_ms"] is row["fused_graph_ms"] is row["fused_over_base_graph"] is None
     for row in results["decode"]:
         assert row["fused_unmerged_ms"] > 0 and row["merged_ms"] > 0 and row["fused_cublas_unmerged_ms"] > 0
+        assert row["fused_small_m_unmerged_ms"] > 0 and row["fused_small_m_over_merged_graph"] is None
+        assert row["path"] == "small_m"  # nothing measured on the CPU: the small-M kernel, the default
         assert row["fused_unmerged_host_ms"] > 0 and row["merged_host_ms"] > 0 and row["elapsed_s"] > 0
         assert row["fused_unmerged_jit_host_ms"] > 0
         assert row["merged_graph_ms"] is row["fused_unmerged_graph_ms"] is row["fused_over_merged_graph"] is None

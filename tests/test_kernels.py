@@ -719,17 +719,52 @@ def test_measured_main_gemm_runs_the_faster_path_and_leaves_no_trace_in_the_grad
 
 @pytest.mark.interpreter
 def test_main_gemm_measuring_skips_what_has_no_main_gemm(measuring, monkeypatch):
-    """Decode (the small-M kernel), a backward without dX and a forced path time nothing."""
+    """A backward without dX, a forced path and a forced main GEMM (also at decode size, which
+    then takes the small-M kernel) time nothing."""
     times, timed = measuring
     times.update(triton=1.0, cublas=2.0)
     x, w, b, a, bb, dy = make_inputs(67, 40, 72, 8, F32, False)
-    lora_forward(x[:16], w, b, a, bb, 2.0, 0.0, 0)
     y, u = lora_forward(x, w, b, a, bb, 2.0, 0.0, 0, path="cublas")
     lora_backward(dy, x, w, a, bb, u, 2.0, 0.0, 0, needs_grad_x=False)
+    lora_forward(x[:16], w, b, a, bb, 2.0, 0.0, 0, path="small_m")
     assert timed == []
     monkeypatch.setenv("LORAFAST_MAIN_GEMM", "cublas")
     lora_forward(x, w, b, a, bb, 2.0, 0.0, 0)
+    lora_forward(x[:16], w, b, a, bb, 2.0, 0.0, 0)
     assert timed == [] and K.autotune_choices()["main GEMM"] == []
+    assert choose_main_gemm(16, 72, 40, "cpu", F32) == "small_m" and choose_main_gemm(67, 72, 40, "cpu", F32) == "cublas"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("winner", ["small_m", "triton", "cublas"])
+def test_a_small_m_forward_is_measured_among_the_small_m_kernel_and_both_main_gemms(measuring, winner, M):
+    """A forward of at most SMALL_M_MAX rows times the small-M kernel and F1 + each main GEMM on
+    its first launch (each path rewrites all of y and u) and keeps the fastest: its outputs are
+    that path's alone, bit for bit, and later launches time nothing; M = 65 is a main-GEMM key."""
+    times, timed = measuring
+    times.update({"small_m": 2.0, "triton": 2.0, "cublas": 2.0, winner: 1.0})
+    x, w, b, a, bb, _ = make_inputs(M, 40, 72, 8, F32, False)
+    s, p, seed = 2.0, 0.1, 77
+    measured = lora_forward(x, w, b, a, bb, s, p, seed)
+    assert timed == ["small_m", "triton", "cublas"]
+    forced = lora_forward(x, w, b, a, bb, s, p, seed, path=winner)
+    assert all(torch.equal(got, expected) for got, expected in zip(measured, forced, strict=True))
+    assert choose_main_gemm(M, 72, 40, "cpu", F32) == winner
+    (row,) = K.autotune_choices()["main GEMM"]
+    assert row["config"] == {"main_gemm": winner, **{f"{path}_ms": times[path] for path in times}}
+    again = lora_forward(x, w, b, a, bb, s, p, seed)
+    assert len(timed) == 3 and all(torch.equal(got, expected) for got, expected in zip(again, forced, strict=True))
+    x65 = make_inputs(65, 40, 72, 8, F32, False)[0]
+    lora_forward(x65, w, b, a, bb, s, p, seed)
+    assert timed[3:] == ["triton", "cublas"]
+
+
+def test_an_unmeasured_small_m_forward_takes_the_small_m_kernel(monkeypatch):
+    monkeypatch.delenv("LORAFAST_MAIN_GEMM", raising=False)
+    K.main_gemm.MAIN_GEMM_CHOOSER.forget()
+    assert [choose_main_gemm(M, 4096, 4096, "cuda:0", BF16) for M in (1, 64, 65)] == ["small_m", "small_m", "cublas"]
+    assert choose_main_gemm(16, 4096, 4096, "cuda:0", BF16, direction="backward") == "cublas"
 
 
 @gpu
