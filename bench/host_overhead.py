@@ -451,15 +451,17 @@ def _check_debug_setting(features: int, rank: int) -> list[str]:
     return []
 
 
-def check_autotune_cache(rows: int = 2048, rank: int = 16) -> list[str]:
+def check_autotune_cache(rows: int = 2048, features: int = 256, rank: int = 16) -> list[str]:
     """Triton's disk cache of autotuning results (``cache_results=True`` on lorafast's kernels):
-    F1's first autotune of a new key times every config its prune keeps and writes the timings;
-    with the in-memory choice forgotten (as in a new process), the same key is read back from
-    disk, nothing timed, and the same config launched. The timings are stand-ins (no GPU), each
-    config faster than the one before, so a choice that fell back to the default would show. K is
-    a random multiple of 16, a key no earlier run cached, on the kernels already compiled."""
-    import random
+    F1's first autotune of a key times every config its prune keeps and writes the timings; with
+    the in-memory choice forgotten (as in a new process), the same key is read back from disk,
+    nothing timed, and the same config launched. The timings are stand-ins (no GPU), each config
+    faster than the one before, so a choice that fell back to the default would show. Triton's
+    cache folder is a fresh temporary one meanwhile (its kernels compiled there too): stand-in
+    timings must never reach the real cache, where a GPU of the same architecture would read them."""
+    import tempfile
 
+    import triton
     import triton.testing
     from lorafast.kernels import lora_linear
 
@@ -474,17 +476,19 @@ def check_autotune_cache(rows: int = 2048, rank: int = 16) -> list[str]:
 
     previous_bench, previous_autotune = triton.testing.do_bench, os.environ.get("LORAFAST_AUTOTUNE")
     triton.testing.do_bench, os.environ["LORAFAST_AUTOTUNE"] = stand_in_do_bench, "1"
+    chosen = []
     try:
-        features = 16 * random.randrange(64, 4096)
-        x, lora_A = torch.randn(rows, features), torch.randn(rank, features)
-        chosen = []
-        for _ in range(2):
-            lora_linear._lora_down.forget()  # the autotuner's in-memory choices too
-            timed.clear()
-            bound = lora_linear._bind_down(x, lora_A, lora_linear.LoraScalars(2.0, 0.1, False))
-            bound(x, lora_A, torch.empty(rows, rank), *lora_linear.seed_arguments(7, x.device))
-            chosen.append((len(timed), bound.config))
+        with tempfile.TemporaryDirectory() as cache_dir, triton.knobs.cache.scope():
+            triton.knobs.cache.dir = cache_dir
+            x, lora_A = torch.randn(rows, features), torch.randn(rank, features)
+            for _ in range(2):
+                lora_linear._lora_down.forget()  # the autotuner's in-memory choices too
+                timed.clear()
+                bound = lora_linear._bind_down(x, lora_A, lora_linear.LoraScalars(2.0, 0.1, False))
+                bound(x, lora_A, torch.empty(rows, rank), *lora_linear.seed_arguments(7, x.device))
+                chosen.append((len(timed), bound.config))
     finally:
+        lora_linear._lora_down.forget()
         triton.testing.do_bench = previous_bench
         os.environ.pop("LORAFAST_AUTOTUNE") if previous_autotune is None else os.environ.update(
             LORAFAST_AUTOTUNE=previous_autotune

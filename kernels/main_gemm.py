@@ -20,6 +20,11 @@ measured among the three: on the first H200 run the small-M kernel took 0.095 ms
 (5x the merged layer's cuBLAS GEMM) where one cuBLAS GEMM and two small LoRA launches would read
 W once like it; which wins depends on M and the GPU, so it is measured too.
 
+Each timing is of the whole forward (F1 included) or of B2 plus cuBLAS (B1 runs once before).
+A key names the shape and dtype, not the rank, dropout, bias or LoRA-weight dtype: layers of one
+shape share the first one's measurement (one LoRA config applies to all layers alike, but a
+process that decodes (p = 0) and then trains at M <= 64 (dropout on) keeps the decode choice).
+
 Not measured (the default is used, the small-M kernel for those forwards, else cuBLAS on CUDA
 and the Triton GEMM on the interpreter, and nothing is memoized): with ``LORAFAST_AUTOTUNE=0``,
 while a CUDA graph is being captured (timing synchronizes), and off CUDA.
