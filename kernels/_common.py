@@ -71,8 +71,9 @@ def autotune_timer(kernel_call: Callable[[], None], quantiles: Sequence[float]) 
     survives the prune, for every key (M bucket, N, K, flags), and all of it is paid on first
     use (a training run's first steps; the GPU check's stages, each a fresh process with a time
     limit): six configs for each of four kernels at a new shape are 24 x 125 ms, ~3 s of timing
-    alone, and now 24 x 25 ms, ~0.6 s (by the budgets, not measured). 20 ms still repeats the slowest of the kernels' tuned launches (~2 ms, B2 at M =
-    8192, K = N = 8192) ten times and a decode launch (~20 µs) about a thousand."""
+    alone, and now 24 x 25 ms, ~0.6 s (by the budgets, not measured). 20 ms still repeats the
+    slowest of the kernels' tuned launches (~2 ms, B2 at M = 8192, K = N = 8192) ten times and a
+    decode launch (~20 µs) about a thousand."""
     import triton.testing
 
     return triton.testing.do_bench(kernel_call, warmup=TIMING_WARMUP_MS, rep=TIMING_REP_MS, quantiles=quantiles)
