@@ -111,7 +111,7 @@ bench_rc=$stage_rc
 stage "lorafast bench --quick" 60 "$PY" -m lorafast.cli bench --quick --device cuda --no-progress \
     --json "$OUT/bench.json" --csv "$OUT/bench.csv"
 suite_rc=$stage_rc
-# after lorafast bench: the same shapes are in Triton's disk cache, only autotuning runs again
+# after lorafast bench: the same shapes are compiled and autotuned in Triton's disk cache already
 stage "train-step profile" 55 "$PY" bench/profile_step.py --json "$OUT/profile_step.json"
 profile_rc=$stage_rc
 

@@ -15,13 +15,17 @@ host-bound. This script measures, per provider, on the same model and tokens:
   (Triton's launcher and autotuner show up here, not in the op table);
 * ``synchronizations`` (CUDA): the calls in one step that made the host wait for the GPU
   (``torch.cuda.set_sync_debug_mode("warn")``), counted per source line: one per layer would
-  serialize the host's launch time with the GPU's work.
+  serialize the host's launch time with the GPU's work;
+
+and ``kernel_choices``: the configs lorafast's kernels were autotuned to and, under "main GEMM",
+the path its launches measured per shape (``lorafast.kernels.autotune_choices``).
 
     python bench/profile_step.py --json OUT.json           # GPU: the 8B-width case, ~1 min warm
     python bench/profile_step.py --dry-run --json OUT.json # CPU: a tiny Llama, lorafast[torch]
 
 Run it after ``lorafast bench --quick`` in bench/gpu_check.sh: the same shapes are then compiled
-already (Triton's disk cache), only autotuning runs again.
+and autotuned already (Triton's disk cache keeps both); only the main-GEMM paths are measured
+again.
 """
 
 from __future__ import annotations
@@ -167,6 +171,17 @@ def compiled_launches() -> bool | None:
     return kernels.compiled_launches_enabled()
 
 
+def kernel_choices() -> dict | None:
+    """What lorafast's Triton backend chose in the steps so far: each kernel's autotuned configs
+    and, under "main GEMM", the path measured per shape (at the step's 1024 tokens: cuBLAS or
+    the Triton GEMM); None without Triton."""
+    try:
+        from lorafast import kernels
+    except ImportError:
+        return None
+    return kernels.autotune_choices()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -197,6 +212,7 @@ def main(argv=None) -> int:
     for provider in providers:
         row = profile_provider(provider, base_model, case, input_ids, device, budget, args.profiled_steps)
         results["providers"][provider.name] = row
+        results["kernel_choices"] = kernel_choices()
         syncs = row["synchronizations"].get("count", "n/a")
         print(
             f"{provider.name:18} step {row['wall_ms']:8.3f} ms   host {row['host_ms']:8.3f} ms   syncs {syncs}",

@@ -30,6 +30,7 @@ def test_dry_run_profiles_both_providers(tmp_path):
     results = json.loads(out.read_text())
     assert set(results["providers"]) == {"peft", "lorafast[torch]"}
     assert results["compiled_launches"] is True
+    assert results["kernel_choices"]["main GEMM"] == []  # the "torch" backend launches no kernel
     for name, row in results["providers"].items():
         assert row["wall_ms"] > 0 and row["host_ms"] > 0, name
         ops = row["top_ops"]["by_self_cpu"]
