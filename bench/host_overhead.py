@@ -53,6 +53,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run bench/host_overhead.py without TRITON_INTERPRET: it measures the compiled kernels' launch path")
@@ -394,22 +395,19 @@ def check_launches(features: int = 64, rank: int = 16) -> list[str]:
         set_compiled_launches(compiled)
         recorded[compiled] = []
         for case, environment in settings:
-            saved = {variable: os.environ.get(variable) for variable in environment}
-            os.environ.update(environment)
-            for launcher in lora_linear._LAUNCHERS.values():
-                launcher.forget()  # bound launches resolve again, under this setting
-            torch.manual_seed(0)
-            calls, named_inputs = case_calls(case, features, rank, torch.float32)
-            layer_call = calls["lorafast"]
-            inputs = {id(t): name for name, t in named_inputs.items()}
-            for call in range(3):
-                with recorded_launches() as launches, jit_runs() as runs:
-                    layer_call()
-                recorded[compiled] += [(case, environment, call, described(launch, inputs)) for launch in launches]
-                if compiled and call == 2 and runs:
-                    return [f"{case} {environment}: the third call still went through JITFunction.run ({len(runs)})"]
-            for variable, value in saved.items():
-                os.environ.pop(variable) if value is None else os.environ.update({variable: value})
+            with mock.patch.dict(os.environ, environment):
+                for launcher in lora_linear._LAUNCHERS.values():
+                    launcher.forget()  # bound launches resolve again, under this setting
+                torch.manual_seed(0)
+                calls, named_inputs = case_calls(case, features, rank, torch.float32)
+                layer_call = calls["lorafast"]
+                inputs = {id(t): name for name, t in named_inputs.items()}
+                for call in range(3):
+                    with recorded_launches() as launches, jit_runs() as runs:
+                        layer_call()
+                    recorded[compiled] += [(case, environment, call, described(launch, inputs)) for launch in launches]
+                    if compiled and call == 2 and runs:
+                        return [f"{case} {environment}: the third call still went through JITFunction.run ({len(runs)})"]
         calls = specialization_calls(features, rank)
         for index, call in enumerate(calls * 2):  # the second time round, every specialization is known
             with recorded_launches() as launches, jit_runs() as runs:
@@ -474,11 +472,14 @@ def check_autotune_cache(rows: int = 2048, features: int = 256, rank: int = 16) 
         ms = 1.0 / len(timed)
         return [ms, ms, ms] if quantiles else ms
 
-    previous_bench, previous_autotune = triton.testing.do_bench, os.environ.get("LORAFAST_AUTOTUNE")
-    triton.testing.do_bench, os.environ["LORAFAST_AUTOTUNE"] = stand_in_do_bench, "1"
     chosen = []
     try:
-        with tempfile.TemporaryDirectory() as cache_dir, triton.knobs.cache.scope():
+        with (
+            mock.patch.object(triton.testing, "do_bench", stand_in_do_bench),
+            mock.patch.dict(os.environ, {"LORAFAST_AUTOTUNE": "1"}),
+            tempfile.TemporaryDirectory() as cache_dir,
+            triton.knobs.cache.scope(),
+        ):
             triton.knobs.cache.dir = cache_dir
             x, lora_A = torch.randn(rows, features), torch.randn(rank, features)
             for _ in range(2):
@@ -489,10 +490,6 @@ def check_autotune_cache(rows: int = 2048, features: int = 256, rank: int = 16) 
                 chosen.append((len(timed), bound.config))
     finally:
         lora_linear._lora_down.forget()
-        triton.testing.do_bench = previous_bench
-        os.environ.pop("LORAFAST_AUTOTUNE") if previous_autotune is None else os.environ.update(
-            LORAFAST_AUTOTUNE=previous_autotune
-        )
     (first_timed, first_config), (second_timed, second_config) = chosen
     problems = []
     if first_timed < 2:

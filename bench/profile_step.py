@@ -161,25 +161,13 @@ def profile_provider(provider, base_model, case: TrainStepCase, input_ids, devic
     return result
 
 
-def compiled_launches() -> bool | None:
-    """Whether lorafast's Triton launches went to the compiled kernels (off where gpu_check.sh's
-    compiled-launch check failed); None without Triton."""
+def lorafast_kernels():
+    """``lorafast.kernels``, or None without Triton."""
     try:
         from lorafast import kernels
     except ImportError:
         return None
-    return kernels.compiled_launches_enabled()
-
-
-def kernel_choices() -> dict | None:
-    """What lorafast's Triton backend chose in the steps so far: each kernel's autotuned configs
-    and, under "main GEMM", the path measured per shape (at the step's 1024 tokens: cuBLAS or
-    the Triton GEMM); None without Triton."""
-    try:
-        from lorafast import kernels
-    except ImportError:
-        return None
-    return kernels.autotune_choices()
+    return kernels
 
 
 def main(argv=None) -> int:
@@ -202,17 +190,20 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(2)
     input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator, device=device)
     base_model = build_decoder(case, device, dtype)
+    kernels = lorafast_kernels()
     results = {
         "environment": benchmark.environment(device),
         "case": case.label,
-        "compiled_launches": compiled_launches(),
+        # off where gpu_check.sh's compiled-launch check failed
+        "compiled_launches": None if kernels is None else kernels.compiled_launches_enabled(),
         "providers": {},
     }
     json_path = None if args.json is None else benchmark.check_output_path(args.json, (".json",))
     for provider in providers:
         row = profile_provider(provider, base_model, case, input_ids, device, budget, args.profiled_steps)
         results["providers"][provider.name] = row
-        results["kernel_choices"] = kernel_choices()
+        # the configs autotuned and, under "main GEMM", the path measured per shape in the steps
+        results["kernel_choices"] = None if kernels is None else kernels.autotune_choices()
         syncs = row["synchronizations"].get("count", "n/a")
         print(
             f"{provider.name:18} step {row['wall_ms']:8.3f} ms   host {row['host_ms']:8.3f} ms   syncs {syncs}",

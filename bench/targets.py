@@ -33,6 +33,9 @@ import json
 import sys
 from pathlib import Path
 
+# lorafast from the source tree where it is not installed (run as a script, sys.path[0] is bench/)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
 TRAIN_OVER_BASE_MAX = 1.15
 SPEEDUP_OVER_PEFT_MIN = 1.4
 DECODE_OVER_MERGED_MAX = 1.1
@@ -111,7 +114,7 @@ def saved_activation_target(bench: dict | None) -> dict:
         saved = row.get("saved_activation_bytes")
         if not isinstance(saved, int):
             continue
-        element = torch.empty((), dtype=getattr(torch, row["dtype"])).element_size()
+        element = getattr(torch, row["dtype"]).itemsize
         allowed = row["tokens"] * row["in_features"] * element + row["tokens"] * row["rank"] * 4
         excess.append((saved - allowed, f"{row['provider']} {row['case']}: {saved} B, limit {allowed} B"))
     worst = max(excess, default=None)
@@ -167,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     report = judge(_load(kernel_bench_path), _load(bench_path))
     print(format_report(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
+        from lorafast.benchmark import atomic_output, check_output_path
+
+        with atomic_output(check_output_path(args.json, (".json",))) as handle:
+            json.dump(report, handle, indent=2)
     return 0
 
 
